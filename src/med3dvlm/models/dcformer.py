@@ -1,0 +1,174 @@
+"""DCFormer: a 3D MetaFormer whose token mixer is a decomposed depthwise convolution.
+
+Ates et al., "DCFormer: Efficient 3D Vision-Language Modeling with Decomposed Convolutions", 2025;
+the vision encoder of Med3DVLM (Xin et al., IEEE JBHI 2025). Structure, exactly as the released code:
+
+- stem: four decomposed convolutions (1->C0 with kernel 7 and stride 4, then three C0->C0 with kernel 3),
+  each branch with its own BatchNorm and no activation anywhere (the original passes its GELU into the
+  norm slot, so none is applied);
+- stages 1-4: max-pool (3, stride 2) + 1x1x1 projection, then blocks of
+  `x + gamma * MLP(DecompConv_depthwise(x))` with MLP ratio 4, layer scale 1e-6 and no LayerNorm;
+  stage kernels 13, 11, 9, 7.
+
+The original permutes its input to (H, W, D) internally; here everything stays (B, C, D, H, W) and the
+conversion of released weights (`med3dvlm.convert`) permutes the kernels instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from ..hub import PretrainedModel
+from ..registry import register_family, register_model
+from .layers import DecompConv3d, Mlp, to_tokens
+
+
+@dataclass
+class DCFormerConfig(ModelConfig):
+    model_type = "dcformer"
+
+    in_channels: int = 1
+    stem_channels: int = 64
+    dims: tuple[int, ...] = (96, 192, 384, 768)  # channels of stages 1-4
+    depths: tuple[int, ...] = (2, 3, 6, 2)  # blocks per stage
+    kernel_sizes: tuple[int, ...] = (13, 11, 9, 7)  # decomposed depthwise kernel per stage
+    stem_kernel_size: int = 7
+    stem_stride: int = 4
+    mlp_ratio: float = 4.0
+    layer_scale_init: float = 1e-6
+    input_size: tuple[int, int, int] = (128, 256, 256)  # (D, H, W) the model is meant for; not a constraint
+
+    def __post_init__(self) -> None:
+        if not (len(self.dims) == len(self.depths) == len(self.kernel_sizes)):
+            raise ValueError(
+                f"dims, depths and kernel_sizes need one entry per stage, got {self.dims}, {self.depths}, {self.kernel_sizes}"
+            )
+
+
+class DecomposedStem(nn.Sequential):
+    def __init__(self, in_channels: int, channels: int, kernel_size: int, stride: int) -> None:
+        super().__init__(
+            DecompConv3d(in_channels, channels, kernel_size, stride=stride),
+            DecompConv3d(channels, channels, 3),
+            DecompConv3d(channels, channels, 3),
+            DecompConv3d(channels, channels, 3),
+        )
+
+
+class Downsample(nn.Module):
+    """Halve the grid with max pooling, then change the width with a bias-free 1x1x1 convolution."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.pool = nn.MaxPool3d(kernel_size=3, stride=2, padding=1)
+        self.proj = nn.Conv3d(in_channels, out_channels, kernel_size=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.pool(x))
+
+
+class ConvBlock(nn.Module):
+    """Decomposed depthwise convolution, then a channel MLP, scaled and added to the input."""
+
+    def __init__(self, dim: int, kernel_size: int, mlp_ratio: float, layer_scale_init: float) -> None:
+        super().__init__()
+        self.mixer = DecompConv3d(dim, dim, kernel_size, groups=dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.gamma = nn.Parameter(torch.full((dim,), layer_scale_init))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.mixer(x).permute(0, 2, 3, 4, 1)  # (B, D, H, W, C) so the Linear layers act on channels
+        y = self.mlp(y) * self.gamma
+        return x + y.permute(0, 4, 1, 2, 3)  # back to (B, C, D, H, W)
+
+
+class Stage(nn.Module):
+    def __init__(self, in_channels: int, dim: int, depth: int, kernel_size: int, mlp_ratio: float, layer_scale_init: float):
+        super().__init__()
+        self.downsample = Downsample(in_channels, dim)
+        self.blocks = nn.Sequential(*(ConvBlock(dim, kernel_size, mlp_ratio, layer_scale_init) for _ in range(depth)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.downsample(x))
+
+
+@register_family(DCFormerConfig)
+class DCFormer(PretrainedModel):
+    """DCFormer encoder. `forward` returns the tokens of the stem and of every stage."""
+
+    config_class = DCFormerConfig
+
+    def __init__(self, config: DCFormerConfig) -> None:
+        super().__init__(config)
+        c = config
+        self.stem = DecomposedStem(c.in_channels, c.stem_channels, c.stem_kernel_size, c.stem_stride)
+        widths = (c.stem_channels, *c.dims)
+        self.stages = nn.ModuleList(
+            Stage(widths[i], c.dims[i], c.depths[i], c.kernel_sizes[i], c.mlp_ratio, c.layer_scale_init)
+            for i in range(len(c.dims))
+        )
+
+    @property
+    def output_dims(self) -> list[int]:
+        """Channels of each output, stem first."""
+        return [self.config.stem_channels, *self.config.dims]
+
+    def forward_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Feature maps (B, C, D, H, W) of the stem and of each stage, in order."""
+        if x.dim() != 5 or x.shape[1] != self.config.in_channels:
+            raise ValueError(f"expected input (B, {self.config.in_channels}, D, H, W), got {tuple(x.shape)}")
+        x = self.stem(x)
+        features = [x]
+        for stage in self.stages:
+            x = stage(x)
+            features.append(x)
+        return features
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Tokens (B, N, C) of the stem and of each stage, depth-major (D slowest, W fastest)."""
+        return [to_tokens(f) for f in self.forward_features(x)]
+
+
+def _dcformer(stem: int, dims: tuple[int, ...], depths: tuple[int, ...], **kw) -> DCFormerConfig:
+    return DCFormerConfig(stem_channels=stem, dims=dims, depths=depths, **kw)
+
+
+@register_model
+def dcformer_test() -> DCFormerConfig:
+    """A toy width for fast tests: same code path, small kernels, 64^3 inputs."""
+    return _dcformer(8, (8, 16, 16, 32), (1, 1, 1, 1), kernel_sizes=(5, 5, 3, 3), input_size=(64, 64, 64))
+
+
+@register_model
+def dcformer_nano() -> DCFormerConfig:
+    return _dcformer(32, (32, 64, 128, 256), (1, 1, 1, 1))
+
+
+@register_model
+def dcformer_naive() -> DCFormerConfig:
+    return _dcformer(32, (64, 128, 256, 512), (2, 2, 2, 2))
+
+
+@register_model
+def dcformer_tiny() -> DCFormerConfig:
+    return _dcformer(64, (96, 192, 384, 768), (2, 3, 3, 2))
+
+
+@register_model
+def dcformer_small() -> DCFormerConfig:
+    """The Med3DVLM encoder: 18,244,800 parameters."""
+    return _dcformer(64, (96, 192, 384, 768), (2, 3, 6, 2))
+
+
+@register_model
+def dcformer_base() -> DCFormerConfig:
+    return _dcformer(64, (128, 256, 512, 1024), (2, 6, 6, 2))
+
+
+@register_model
+def dcformer_large() -> DCFormerConfig:
+    return _dcformer(64, (256, 512, 1024, 2048), (2, 6, 12, 2))

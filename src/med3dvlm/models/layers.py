@@ -1,0 +1,52 @@
+"""Shared 3D building blocks. Every module takes and returns (B, C, D, H, W) tensors."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class DecompConv3d(nn.Module):
+    """A k x k x k convolution decomposed into three 1D convolutions along D, H and W.
+
+    The three branches run in parallel on the same input, each with its own BatchNorm, and are summed
+    (DCFormer, Ates et al. 2025). With `groups=channels` this is the decomposed depthwise token mixer.
+    Every branch uses the same stride on all three axes, so the branch outputs have equal shapes.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1) -> None:
+        super().__init__()
+        if kernel_size % 2 != 1:
+            raise ValueError(f"kernel_size must be odd to keep the grid centred, got {kernel_size}")
+        pad = kernel_size // 2
+        k = kernel_size
+        self.conv_d = nn.Conv3d(in_channels, out_channels, (k, 1, 1), stride, (pad, 0, 0), groups=groups)
+        self.norm_d = nn.BatchNorm3d(out_channels)
+        self.conv_h = nn.Conv3d(in_channels, out_channels, (1, k, 1), stride, (0, pad, 0), groups=groups)
+        self.norm_h = nn.BatchNorm3d(out_channels)
+        self.conv_w = nn.Conv3d(in_channels, out_channels, (1, 1, k), stride, (0, 0, pad), groups=groups)
+        self.norm_w = nn.BatchNorm3d(out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm_d(self.conv_d(x)) + self.norm_h(self.conv_h(x)) + self.norm_w(self.conv_w(x))
+
+    def branches(self) -> list[tuple[nn.Conv3d, nn.BatchNorm3d]]:
+        return [(self.conv_d, self.norm_d), (self.conv_h, self.norm_h), (self.conv_w, self.norm_w)]
+
+
+class Mlp(nn.Module):
+    """Linear -> GELU -> Linear over the last (channel) axis."""
+
+    def __init__(self, dim: int, hidden_dim: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def to_tokens(feature_map: torch.Tensor) -> torch.Tensor:
+    """(B, C, D, H, W) -> (B, D*H*W, C), depth-major: D varies slowest and W fastest."""
+    return feature_map.flatten(2).transpose(1, 2)

@@ -1,0 +1,64 @@
+"""Size and cost of a model: parameters, multiply-accumulates and output token shapes.
+
+Counting runs on the meta device, so even dcformer_large at 128x256x256 is measured instantly and without
+memory. MACs come from `torch.utils.flop_counter` (matmuls and convolutions only; FLOPs / 2).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .registry import build_model, get_config
+
+
+@dataclass
+class ModelSummary:
+    name: str
+    params: int
+    gmac: float
+    input_shape: list[int]
+    outputs: list[list[int]] = field(default_factory=list)  # [tokens, dim] per output
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "params": self.params,
+            "gmac": self.gmac,
+            "input": self.input_shape,
+            "outputs": self.outputs,
+        }
+
+
+def summarize(name: str, input_size: tuple[int, ...] | None = None, batch_size: int = 1, **overrides: Any) -> ModelSummary:
+    """Parameters, GMAC and output shapes of registered model `name` on one input of `input_size`.
+
+    `input_size` defaults to the config's own `input_size`; overrides change config fields.
+    """
+    config = get_config(name, **overrides)
+    with torch.device("meta"):
+        model = build_model(config).eval()
+    params = sum(p.numel() for p in model.parameters())
+    if input_size is None:
+        input_size = tuple(getattr(config, "input_size"))
+    example = example_input(model, tuple(input_size), batch_size)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        outputs = model(*example) if isinstance(example, tuple) else model(example)
+    if isinstance(outputs, torch.Tensor):
+        outputs = [outputs]
+    shapes = [list(o.shape[1:]) for o in outputs]
+    gmac = counter.get_total_flops() / 2 / 1e9 / batch_size
+    return ModelSummary(name, params, round(gmac, 4), list(input_size), shapes)
+
+
+def example_input(model: nn.Module, input_size: tuple[int, ...], batch_size: int = 1) -> Any:
+    """A meta-device input of the right kind for `model` (models may define `example_input`)."""
+    if hasattr(model, "example_input"):
+        return model.example_input(input_size, batch_size)
+    in_channels = getattr(model.config, "in_channels", 1)
+    return torch.empty(batch_size, in_channels, *input_size, device="meta")
