@@ -91,7 +91,10 @@ def from_pretrained(directory: str | os.PathLike, **overrides: Any) -> nn.Module
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: missing weights file")
     model = build_model(config)
-    missing, unexpected = load_model(model, str(weights), strict=False)
+    try:
+        missing, unexpected = load_model(model, str(weights), strict=False)
+    except RuntimeError as err:  # shape mismatches
+        raise ValueError(f"{weights}: weights do not match the config in {CONFIG_NAME}: {str(err)[:500]}") from None
     if missing or unexpected:
         raise ValueError(
             f"{weights}: weights do not match the config: missing {sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}"

@@ -2,4 +2,34 @@
 
 from __future__ import annotations
 
-from . import app  # noqa: F401
+import logging
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from . import app
+
+log = logging.getLogger(__name__)
+
+
+@app.command()
+def convert(
+    source: Path = typer.Argument(..., help="Original weights: .bin/.pt/.pth (read with weights_only=True) or .safetensors."),
+    out: Path = typer.Option(..., "--out", "-o", help="Directory for the med3dvlm checkpoint."),
+    prefix: Optional[str] = typer.Option(
+        None, help="Key prefix in front of `encoder.s0...`; found automatically when the file holds one encoder."
+    ),
+) -> None:
+    """Convert an original DCFormer encoder (bare, or the vision tower inside a DCFormer_SigLIP or
+    Med3DVLM checkpoint) into a med3dvlm DCFormer checkpoint (config.json + model.safetensors)."""
+    from ..convert import convert_dcformer_checkpoint, load_state_dict
+
+    try:
+        state_dict = load_state_dict(source)
+        model = convert_dcformer_checkpoint(state_dict, prefix=prefix)
+    except (OSError, ValueError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
+    model.save_pretrained(out)
+    typer.echo(f"wrote {out} ({model.num_parameters():,} parameters, stages {list(model.config.dims)})")
