@@ -2,9 +2,108 @@
 
 from __future__ import annotations
 
+import json
+import warnings
+from pathlib import Path
+from typing import Optional
+
 import typer
 
 from . import app
 
 data_app = typer.Typer(help="Read, inspect and prepare CT volumes and the M3D datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+
+
+def _fail(message: str, code: int = 1) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _spec_from_options(
+    model: Optional[str],
+    window: Optional[str],
+    hu_range: Optional[tuple[float, float]],
+    intensity: Optional[str],
+    size: Optional[tuple[int, int, int]],
+    spacing: Optional[tuple[float, float, float]],
+    no_crop: bool,
+):
+    from ..data.preprocess import PreprocessSpec
+
+    base = PreprocessSpec()
+    if model:
+        from ..registry import get_config
+
+        base = PreprocessSpec.for_model(get_config(model))
+    fields = base.to_dict()
+    if window or hu_range:
+        fields.update(intensity="window", window=window, window_range=list(hu_range) if hu_range else None)
+    if intensity:
+        fields["intensity"] = intensity
+    if size:
+        fields["size"] = list(size)
+    if spacing:
+        fields["spacing"] = list(spacing)
+    if no_crop:
+        fields["crop_foreground"] = False
+    return PreprocessSpec.from_dict(fields)
+
+
+@data_app.command()
+def inspect(
+    path: Path = typer.Argument(..., help="A NIfTI/NRRD/MHA/.npy/DICOM file or a DICOM series folder."),
+    series: Optional[str] = typer.Option(None, "--series", help="Series UID when the folder holds several."),
+    model: Optional[str] = typer.Option(None, "--model", help="Use this registered model's preprocessing spec."),
+    window: Optional[str] = typer.Option(None, "--window", help="HU window preset: soft_tissue, lung, bone, brain."),
+    hu_range: Optional[tuple[float, float]] = typer.Option(None, "--hu-range", help="Explicit HU window LOW HIGH."),
+    intensity: Optional[str] = typer.Option(None, "--intensity", help="minmax | window | none."),
+    size: Optional[tuple[int, int, int]] = typer.Option(None, "--size", help="Output size D H W."),
+    spacing: Optional[tuple[float, float, float]] = typer.Option(None, "--spacing", help="Resample to D H W mm first."),
+    no_crop: bool = typer.Option(False, "--no-crop", help="Do not crop to the foreground."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Print what was read (shape, spacing, orientation, modality, values) and what preprocessing made of it."""
+    from ..data.preprocess import preprocess_with_report
+    from ..data.readers import list_series, load_volume
+    from ..data.volume import VolumeError
+
+    try:
+        spec = _spec_from_options(model, window, hu_range, intensity, size, spacing, no_crop)
+    except (KeyError, ValueError) as err:
+        _fail(str(err.args[0] if err.args else err), 2)
+    if path.is_dir() and series is None:
+        try:
+            found = list_series(path)
+        except VolumeError as err:
+            _fail(str(err))
+        if len(found) > 1:
+            if as_json:
+                typer.echo(json.dumps({"path": str(path), "series": [s.to_dict() for s in found]}, indent=2))
+            else:
+                typer.echo(f"{path} holds {len(found)} DICOM series:")
+                for s in found:
+                    typer.echo(f"  {s.uid}  {s.modality:<4} {s.num_files:>4} files  {s.rows}x{s.columns}  {s.description}")
+            _fail("several series; choose one with --series UID", 2)
+    try:
+        volume = load_volume(path, series_uid=series)
+        with warnings.catch_warnings():
+            # The report carries the warnings; printing them twice would only add noise.
+            warnings.simplefilter("ignore")
+            _, report = preprocess_with_report(volume, spec)
+    except VolumeError as err:
+        _fail(str(err))
+    payload = {"read": report.input, "spec": spec.to_dict(), "steps": report.steps, "output": report.output, "warnings": report.warnings}
+    if as_json:
+        typer.echo(json.dumps(payload, indent=2, default=str))
+        return
+    r, o = report.input, report.output
+    typer.echo(f"read        {r['source']}")
+    typer.echo(f"  shape     {' x '.join(map(str, r['shape']))} (D x H x W), {r['dtype']}")
+    typer.echo(f"  spacing   {' x '.join(f'{s:g}' for s in r['spacing'])} mm")
+    typer.echo(f"  orient.   {r['orientation']}    modality {r['modality']}")
+    typer.echo(f"  values    [{r['min']:g}, {r['max']:g}], mean {r['mean']:.4g} (looks like: {r['looks_like']})")
+    typer.echo("preprocess  " + (", ".join(report.steps) or "nothing to do"))
+    typer.echo(f"  output    {' x '.join(map(str, o['shape']))} float32, [{o['min']:.4g}, {o['max']:.4g}], mean {o['mean']:.4g}")
+    for w in report.warnings:
+        typer.echo(f"warning: {w}", err=True)

@@ -1,0 +1,289 @@
+"""Preprocessing as a serializable spec, stored in every model config and applied by whoever loads it.
+
+Pipeline (each step optional as the spec says): orientation to one canonical frame -> resampling to a
+spacing -> intensity to [0, 1] (an HU window, or M3D's min-max for already windowed 8-bit data) ->
+crop to the foreground -> resize to the model size with trilinear interpolation, align_corners=False
+(what MONAI `Resize(mode="trilinear")` does) -> float32 clipped to [0, 1], shaped (1, D, H, W).
+
+The default spec reproduces M3D/Med3DVLM data preparation (min-max, crop foreground, resize to
+128x256x256). A spec for raw CT in Hounsfield units uses `intensity="window"` with a preset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .volume import Volume, reorient
+
+logger = logging.getLogger(__name__)
+
+# (level, width) in HU; the usual radiology presets.
+WINDOW_PRESETS: dict[str, tuple[float, float]] = {
+    "soft_tissue": (40.0, 400.0),
+    "lung": (-600.0, 1500.0),
+    "bone": (400.0, 1800.0),
+    "brain": (40.0, 80.0),
+}
+INTENSITY_MODES = ("minmax", "window", "none")
+DEFAULT_SIZE = (128, 256, 256)
+
+
+class IntensityWarning(UserWarning):
+    """The input's value range does not match what the spec expects (HU vs already normalized)."""
+
+
+@dataclass
+class PreprocessSpec:
+    """How a volume becomes model input. All fields are JSON values (tuples round-trip via lists).
+
+    Attributes:
+        size: output (D, H, W).
+        orientation: canonical frame the axes are permuted/flipped to (SimpleITK code); None keeps the
+            input's. "LPS" puts patient left along W, posterior along H and superior along D.
+        spacing: resample to this voxel size in mm (D, H, W) before everything else; None skips it.
+        intensity: "window" (HU window -> [0, 1]), "minmax" (M3D: rescale the volume's own min/max
+            to [0, 1]; meant for already windowed 8-bit data) or "none" (input is already in [0, 1]).
+        window: preset name (see `WINDOW_PRESETS`) when intensity is "window".
+        window_range: explicit (low, high) HU, overriding `window`.
+        crop_foreground: crop to the bounding box of voxels above `foreground_threshold` after the
+            intensity step (M3D's `CropForeground`, which keeps values > 0).
+        foreground_threshold: see `crop_foreground`.
+    """
+
+    size: tuple[int, int, int] = DEFAULT_SIZE
+    orientation: str | None = "LPS"
+    spacing: tuple[float, float, float] | None = None
+    intensity: str = "minmax"
+    window: str | None = None
+    window_range: tuple[float, float] | None = None
+    crop_foreground: bool = True
+    foreground_threshold: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.size = tuple(int(s) for s in self.size)  # type: ignore[assignment]
+        if len(self.size) != 3 or min(self.size) < 1:
+            raise ValueError(f"size must be three positive ints (D, H, W), got {self.size}")
+        if self.spacing is not None:
+            self.spacing = tuple(float(s) for s in self.spacing)  # type: ignore[assignment]
+            if len(self.spacing) != 3 or min(self.spacing) <= 0:
+                raise ValueError(f"spacing must be three positive mm values, got {self.spacing}")
+        if self.intensity not in INTENSITY_MODES:
+            raise ValueError(f"intensity must be one of {INTENSITY_MODES}, got {self.intensity!r}")
+        if self.window is not None and self.window not in WINDOW_PRESETS:
+            raise ValueError(f"unknown window preset {self.window!r}; presets: {', '.join(WINDOW_PRESETS)}")
+        if self.window_range is not None:
+            self.window_range = tuple(float(v) for v in self.window_range)  # type: ignore[assignment]
+            if len(self.window_range) != 2 or self.window_range[0] >= self.window_range[1]:
+                raise ValueError(f"window_range must be (low, high) with low < high, got {self.window_range}")
+        if self.intensity == "window" and self.window is None and self.window_range is None:
+            raise ValueError('intensity="window" needs a window preset or a window_range')
+
+    @property
+    def hu_range(self) -> tuple[float, float] | None:
+        """The (low, high) HU mapped to (0, 1), or None when the spec does not window."""
+        if self.intensity != "window":
+            return None
+        if self.window_range is not None:
+            return self.window_range
+        level, width = WINDOW_PRESETS[self.window]  # type: ignore[index]
+        return level - width / 2, level + width / 2
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PreprocessSpec:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown PreprocessSpec fields: {', '.join(unknown)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+    @classmethod
+    def ct(cls, window: str = "soft_tissue", size: tuple[int, int, int] = DEFAULT_SIZE, **kw: Any) -> PreprocessSpec:
+        """A spec for raw CT in HU: canonical orientation, an HU window, crop, resize."""
+        return cls(size=size, intensity="window", window=window, **kw)
+
+    @classmethod
+    def m3d(cls, size: tuple[int, int, int] = DEFAULT_SIZE) -> PreprocessSpec:
+        """M3D/Med3DVLM's preparation of already windowed 8-bit slices: min-max, crop, resize."""
+        return cls(size=size, intensity="minmax")
+
+    @classmethod
+    def for_model(cls, config: Any) -> PreprocessSpec:
+        """The spec stored in a model config, or the M3D default at the config's `input_size`."""
+        stored = getattr(config, "preprocess", None)
+        if stored:
+            return cls.from_dict(stored)
+        size = getattr(config, "input_size", None)
+        return cls.m3d(tuple(size) if size is not None else DEFAULT_SIZE)  # type: ignore[arg-type]
+
+
+@dataclass
+class PreprocessReport:
+    """What `preprocess` read and did, for `med3dvlm data inspect` and logging."""
+
+    input: dict[str, Any]
+    steps: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    output: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ---------------------------------------------------------------------------------- array operations
+
+
+def apply_window(array: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Map [low, high] linearly to [0, 1] and clip outside (MONAI `ScaleIntensityRange(clip=True)`)."""
+    out = (np.asarray(array, dtype=np.float32) - np.float32(low)) / np.float32(high - low)
+    return np.clip(out, 0.0, 1.0, out=out)
+
+
+def minmax(array: np.ndarray) -> np.ndarray:
+    """Rescale to [0, 1] by the array's own min and max; a constant array becomes zeros."""
+    array = np.asarray(array, dtype=np.float32)
+    lo, hi = float(array.min()), float(array.max())
+    if hi - lo <= 0:
+        return np.zeros_like(array)
+    return (array - np.float32(lo)) / np.float32(hi - lo)
+
+
+def foreground_box(array: np.ndarray, threshold: float = 0.0) -> tuple[slice, slice, slice] | None:
+    """Bounding box of voxels > threshold (as MONAI `CropForeground`, margin 0), or None if there are none."""
+    mask = array > threshold
+    box = []
+    for axis in range(3):
+        other = tuple(a for a in range(3) if a != axis)
+        hits = np.flatnonzero(mask.any(axis=other))
+        if hits.size == 0:
+            return None
+        box.append(slice(int(hits[0]), int(hits[-1]) + 1))
+    return tuple(box)  # type: ignore[return-value]
+
+
+def resize(tensor: torch.Tensor, size: tuple[int, int, int]) -> torch.Tensor:
+    """Trilinear resize of a (C, D, H, W) tensor, align_corners=False: equal to MONAI `Resize(mode="trilinear")`."""
+    if tuple(tensor.shape[-3:]) == tuple(size):
+        return tensor
+    return F.interpolate(tensor.unsqueeze(0), size=tuple(size), mode="trilinear", align_corners=False).squeeze(0)
+
+
+def resample_to_spacing(volume: Volume, spacing: tuple[float, float, float]) -> Volume:
+    """Trilinear resampling to a new voxel size; the physical extent is kept."""
+    shape = tuple(max(1, int(round(n * s / t))) for n, s, t in zip(volume.shape, volume.spacing, spacing))
+    if shape == volume.shape:
+        return volume.replace(spacing=spacing)
+    data = torch.from_numpy(np.asarray(volume.array, dtype=np.float32)).unsqueeze(0)
+    out = resize(data, shape).squeeze(0).numpy()  # type: ignore[arg-type]
+    real = tuple(n * s / m for n, s, m in zip(volume.shape, volume.spacing, shape))
+    return volume.replace(array=out, spacing=real)
+
+
+def describe_range(array: np.ndarray) -> str:
+    """Classify a value range: "hu" (raw CT), "unit" ([0, 1]), "8bit" ([0, 255] integers) or "other"."""
+    lo, hi = float(np.min(array)), float(np.max(array))
+    if lo < -200.0 or hi > 1500.0:
+        return "hu"
+    if lo >= 0.0 and hi <= 1.0:
+        return "unit"
+    if lo >= 0.0 and hi <= 255.0 and (array.dtype == np.uint8 or np.all(np.mod(array.ravel()[:100_000], 1) == 0)):
+        return "8bit"
+    return "other"
+
+
+def _check_input(volume: Volume, spec: PreprocessSpec, kind: str) -> list[str]:
+    msgs = []
+    if spec.intensity == "window" and kind in ("unit", "8bit"):
+        what = "already normalized to [0, 1]" if kind == "unit" else "an already windowed 8-bit image"
+        msgs.append(
+            f"{volume.source}: the spec windows Hounsfield units {spec.hu_range} but the input looks {what} "
+            f"(range {volume.value_range()}); use intensity='minmax' or 'none' for such data"
+        )
+    elif spec.intensity == "window" and volume.modality not in ("CT", "unknown"):
+        msgs.append(f"{volume.source}: the spec applies a CT HU window to a {volume.modality} image")
+    elif spec.intensity in ("minmax", "none") and kind == "hu":
+        msgs.append(
+            f"{volume.source}: the input looks like raw Hounsfield units (range {volume.value_range()}) but the spec "
+            f"expects already windowed/normalized data (intensity={spec.intensity!r}); use PreprocessSpec.ct(window=...)"
+        )
+    elif spec.intensity == "none" and kind != "unit":
+        msgs.append(f"{volume.source}: intensity='none' expects values in [0, 1]; values outside are clipped")
+    return msgs
+
+
+def preprocess_with_report(volume: Volume, spec: PreprocessSpec) -> tuple[torch.Tensor, PreprocessReport]:
+    """Apply `spec` to `volume`: a (1, D, H, W) float32 tensor in [0, 1], plus what was done.
+
+    Range mismatches (HU expected but the input looks normalized, or the reverse) are warned with
+    `IntensityWarning` and recorded in the report.
+    """
+    report = PreprocessReport(input=volume.summary())
+    kind = describe_range(volume.array)
+    report.input["looks_like"] = kind
+    for msg in _check_input(volume, spec, kind):
+        warnings.warn(msg, IntensityWarning, stacklevel=3)
+        report.warnings.append(msg)
+
+    if spec.orientation and volume.orientation != spec.orientation:
+        before = volume.orientation
+        volume = reorient(volume, spec.orientation)
+        report.steps.append(f"reorient {before} -> {volume.orientation}")
+    if spec.spacing is not None:
+        before_shape = volume.shape
+        volume = resample_to_spacing(volume, spec.spacing)
+        report.steps.append(f"resample to spacing {list(spec.spacing)} mm: {list(before_shape)} -> {list(volume.shape)}")
+
+    array = np.asarray(volume.array)
+    if spec.intensity == "window":
+        low, high = spec.hu_range  # type: ignore[misc]
+        array = apply_window(array, low, high)
+        report.steps.append(f"window [{low:g}, {high:g}] HU -> [0, 1]" + (f" ({spec.window})" if spec.window_range is None else ""))
+    elif spec.intensity == "minmax":
+        lo, hi = volume.value_range()
+        array = minmax(array)
+        report.steps.append(f"min-max [{lo:g}, {hi:g}] -> [0, 1]")
+        if hi <= lo:
+            report.warnings.append(f"{volume.source}: constant volume (all {lo:g}); the output is all zeros")
+    else:
+        array = np.clip(np.asarray(array, dtype=np.float32), 0.0, 1.0)
+        report.steps.append("clip to [0, 1]")
+
+    if spec.crop_foreground:
+        box = foreground_box(array, spec.foreground_threshold)
+        if box is None:
+            msg = f"{volume.source}: no voxel above {spec.foreground_threshold:g} after the intensity step; nothing cropped"
+            report.warnings.append(msg)
+            logger.warning(msg)
+        elif tuple(b.stop - b.start for b in box) != array.shape:
+            report.steps.append(f"crop foreground {list(array.shape)} -> {[b.stop - b.start for b in box]}")
+            array = array[box]
+
+    tensor = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).unsqueeze(0)  # (1, D, H, W)
+    if tuple(tensor.shape[1:]) != spec.size:
+        report.steps.append(f"resize {list(tensor.shape[1:])} -> {list(spec.size)} (trilinear, align_corners=False)")
+        tensor = resize(tensor, spec.size)
+    tensor = tensor.clamp_(0.0, 1.0)
+    report.output = {
+        "shape": list(tensor.shape),
+        "dtype": "float32",
+        "min": float(tensor.min()),
+        "max": float(tensor.max()),
+        "mean": float(tensor.mean()),
+    }
+    return tensor, report
+
+
+def preprocess(volume: Volume, spec: PreprocessSpec | None = None) -> torch.Tensor:
+    """`preprocess_with_report` without the report: a (1, D, H, W) float32 tensor in [0, 1]."""
+    return preprocess_with_report(volume, spec or PreprocessSpec())[0]
