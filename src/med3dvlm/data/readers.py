@@ -79,6 +79,8 @@ def load_volume(path: str | os.PathLike, series_uid: str | None = None) -> Volum
             volume = read_npy(path)
         elif suffix in DICOM_SUFFIXES or (suffix not in ITK_SUFFIXES and _is_dicom(path)):
             volume = read_dicom_file(path)
+        elif suffix in NIFTI_SUFFIXES:
+            volume = read_nifti(path)
         elif suffix in ITK_SUFFIXES:
             volume = read_itk(path)
         else:
@@ -119,14 +121,10 @@ def read_npy(path: Path) -> Volume:
 
 
 def read_itk(path: Path) -> Volume:
-    """NIfTI, NRRD, MetaImage and other formats SimpleITK reads; NIfTI falls back to nibabel."""
-    if _suffix(path) in NIFTI_SUFFIXES:
-        _check_nifti_complete(path)
+    """NRRD, MetaImage and the other formats SimpleITK reads."""
     try:
         img = sitk.ReadImage(str(path))
     except RuntimeError as err:
-        if _suffix(path) in NIFTI_SUFFIXES and "orthonormal" in str(err).lower():
-            return _read_nifti_nibabel(path)
         reason = _itk_reason(err)
         if "no such file" in reason.lower():  # ITK reports a stale errno when the data are short
             reason = f"truncated or corrupt image data ({reason})"
@@ -145,31 +143,6 @@ def read_itk(path: Path) -> Volume:
     return Volume.from_sitk(img, modality=modality, source=str(path), format=_suffix(path).lstrip("."))
 
 
-def _check_nifti_complete(path: Path) -> None:
-    """ITK reads a truncated NIfTI without complaint (zero-filling the rest), so check the byte count."""
-    import gzip
-
-    import nibabel as nib
-
-    try:
-        header = nib.load(str(path)).header
-        expected = int(header["vox_offset"]) + int(np.prod(header.get_data_shape())) * header.get_data_dtype().itemsize
-    except Exception as err:  # nibabel raises many types for corrupt headers
-        raise VolumeError(path, f"not a valid NIfTI header ({err})") from None
-    if _suffix(path) == ".nii":
-        actual = path.stat().st_size
-    else:
-        actual = 0
-        try:
-            with gzip.open(path, "rb") as fh:
-                while chunk := fh.read(1 << 22):
-                    actual += len(chunk)
-        except (EOFError, OSError, gzip.BadGzipFile) as err:
-            raise VolumeError(path, f"truncated or corrupt gzip stream ({err})") from None
-    if actual < expected:
-        raise VolumeError(path, f"truncated: {actual} bytes of image data where the header needs {expected}")
-
-
 def _itk_reason(err: RuntimeError) -> str:
     # ITK messages span several lines with source locations; keep the informative tail.
     lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
@@ -184,32 +157,48 @@ def _itk_modality(img: sitk.Image) -> str:
     return "unknown"
 
 
-def _read_nifti_nibabel(path: Path) -> Volume:
+def read_nifti(path: Path) -> Volume:
+    """NIfTI through nibabel.
+
+    Not SimpleITK: its NIfTI reader silently zero-fills a truncated file and turns NaN into 0, which
+    would hide exactly the bad input we must report. The affine (RAS) is converted to ITK's LPS.
+    """
     import nibabel as nib
 
     try:
         nii = nib.load(str(path))
-        data = np.asanyarray(nii.dataobj)
+        data = np.asanyarray(nii.dataobj)  # applies scl_slope/scl_inter
+    except EOFError as err:
+        raise VolumeError(path, f"truncated or corrupt gzip stream ({err})") from None
     except Exception as err:  # nibabel raises many types for corrupt files
-        raise VolumeError(path, f"cannot be read by nibabel either ({err})") from None
+        reason = " ".join(str(err).split())
+        if "Expected" in reason and "bytes" in reason:
+            reason = f"truncated: {reason}"
+        raise VolumeError(path, f"not a readable NIfTI file ({reason})") from None
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
-    data = _squeeze_to_3d(np.asarray(data), path)
+    if data.ndim == 2:
+        raise VolumeError(path, f"a 2D image of shape {data.shape}, not a 3D volume")
+    if data.ndim != 3:
+        raise VolumeError(path, f"a {data.ndim}D image of shape {data.shape}; only 3D volumes are supported")
+    if min(data.shape) < 2:
+        raise VolumeError(path, f"shape {data.shape} has a singleton axis; this is a 2D image, not a 3D volume")
     affine = nii.affine.copy()
     affine[:2] *= -1  # RAS (NIfTI) -> LPS (ITK)
     columns = affine[:3, :3]
     spacing_xyz = np.linalg.norm(columns, axis=0)
-    # SimpleITK refused the shear; keep the nearest rotation so geometry stays usable.
-    u, _, vt = np.linalg.svd(columns / spacing_xyz)
-    direction = u @ vt
-    logger.warning("%s: direction cosines are not orthonormal; using the nearest rotation", path)
+    cosines = columns / spacing_xyz
+    u, _, vt = np.linalg.svd(cosines)
+    direction = u @ vt  # nearest rotation; equals `cosines` unless the affine has a shear
+    if not np.allclose(direction, cosines, atol=1e-4):
+        logger.warning("%s: the affine has a shear; using the nearest rotation for orientation", path)
     return Volume(
-        array=np.ascontiguousarray(data.transpose(2, 1, 0)),  # nibabel (x, y, z) -> (D, H, W)
+        array=np.ascontiguousarray(np.asarray(data).transpose(2, 1, 0)),  # nibabel (x, y, z) -> (D, H, W)
         spacing=tuple(float(s) for s in spacing_xyz[::-1]),  # type: ignore[arg-type]
         origin=tuple(float(o) for o in affine[:3, 3]),  # type: ignore[arg-type]
         direction=tuple(float(d) for d in direction.ravel()),
         source=str(path),
-        meta={"format": "nii", "reader": "nibabel"},
+        meta={"format": _suffix(path).lstrip(".")},
     )
 
 
@@ -352,11 +341,13 @@ def _assemble_series(folder: Path, uid: str, items: list[tuple[Path, pydicom.Dat
 
 def _slice_hu(path: Path) -> np.ndarray:
     """One slice's pixels with its own rescale slope/intercept applied (they may differ per slice)."""
+    ds = pydicom.dcmread(path)
     try:
-        ds = pydicom.dcmread(path)
         pixels = ds.pixel_array
     except Exception as err:  # noqa: BLE001 - pydicom raises many types for bad pixel data
-        # Compressed transfer syntaxes pydicom cannot decode without plugins: GDCM (in SimpleITK) can.
+        if not ds.file_meta.get("TransferSyntaxUID", pydicom.uid.ExplicitVRLittleEndian).is_compressed:
+            raise VolumeError(path, f"pixel data cannot be decoded ({err})") from None
+        # A compressed transfer syntax pydicom cannot decode without plugins: GDCM (in SimpleITK) can.
         try:
             return sitk.GetArrayFromImage(sitk.ReadImage(str(path), sitk.sitkFloat32))[0]
         except RuntimeError:
