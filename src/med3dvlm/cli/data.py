@@ -107,3 +107,70 @@ def inspect(
     typer.echo(f"  output    {' x '.join(map(str, o['shape']))} float32, [{o['min']:.4g}, {o['max']:.4g}], mean {o['mean']:.4g}")
     for w in report.warnings:
         typer.echo(f"warning: {w}", err=True)
+
+
+@data_app.command()
+def phantom(
+    out: Path = typer.Option(..., "--out", help="Folder to write the dataset into."),
+    n: int = typer.Option(32, "--n", help="Number of cases (each has one or two series)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives the same dataset."),
+    size: tuple[int, int, int] = typer.Option((32, 64, 64), "--size", help="Stored volume size D H W."),
+    dtype: str = typer.Option("uint8", "--dtype", help="Storage dtype: uint8 or float16."),
+    hu: bool = typer.Option(False, "--hu", help="Also write the HU volumes as hu/<case>/<series>.nii.gz."),
+    workers: int = typer.Option(1, "--workers", help="Worker processes."),
+) -> None:
+    """Write a procedurally generated CT dataset in the M3D-Cap / M3D-VQA formats."""
+    from ..data.phantom import write_phantom_dataset
+
+    if n < 1:
+        _fail("--n must be at least 1", 2)
+    summary = write_phantom_dataset(out, n=n, seed=seed, size=size, dtype=dtype, write_hu=hu, workers=workers)
+    typer.echo(json.dumps(summary, indent=2))
+
+
+@data_app.command("prepare-m3d-cap")
+def prepare_m3d_cap(
+    src: Path = typer.Argument(..., help="Raw M3D-Cap folder holding <collection>/<case>/<series>/<n>.png and text.txt."),
+    out: Path = typer.Option(..., "--out", help="Output folder (M3D_Cap_npy/, M3D_Cap.json, prepare_log.jsonl)."),
+    size: tuple[int, int, int] = typer.Option((128, 256, 256), "--size", help="Volume size D H W."),
+    dtype: str = typer.Option("uint8", "--dtype", help="Storage dtype: uint8 or float16."),
+    workers: int = typer.Option(0, "--workers", help="Worker processes; 0 = one per CPU."),
+    resume: bool = typer.Option(True, "--resume/--no-resume", help="Skip series whose output is already complete."),
+    split: str = typer.Option("case", "--split", help="'case' (no case in two splits) or 'paper' (needs --paper-json)."),
+    paper_json: Optional[Path] = typer.Option(None, "--paper-json", help="The published M3D_Cap.json, for --split paper."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the case-level split."),
+) -> None:
+    """Convert raw M3D-Cap slice folders into compact .npy volumes and a fresh M3D_Cap.json."""
+    from ..data.m3d import DatasetFormatError
+    from ..data.prepare import prepare_m3d_cap as run
+    from ..data.volume import VolumeError
+
+    try:
+        summary = run(src, out, size=size, dtype=dtype, workers=workers, resume=resume, split=split, paper_json=paper_json, seed=seed)
+    except (VolumeError, DatasetFormatError, ValueError) as err:
+        _fail(str(err))
+    typer.echo(json.dumps(summary, indent=2))
+    if summary["failed"] or summary["flagged"]:
+        typer.echo(f"warning: {summary['failed']} failed and {summary['flagged']} flagged series; see {summary['log']}", err=True)
+
+
+@data_app.command()
+def split(
+    cap_json: Path = typer.Argument(..., help="An M3D_Cap.json to re-split (all its items are pooled)."),
+    out: Path = typer.Option(..., "--out", help="Where to write the case-level M3D_Cap.json."),
+    seed: int = typer.Option(0, "--seed"),
+    fractions: tuple[float, float, float] = typer.Option((0.9, 0.05, 0.05), "--fractions", help="train validation test."),
+) -> None:
+    """Build a case-level split (no case in two splits) and report the input's leakage."""
+    from ..data.m3d import CAP_SPLITS, DatasetFormatError, read_cap_json, write_cap_json
+    from ..data.splits import case_level_split, find_leakage
+
+    try:
+        original = read_cap_json(cap_json)
+    except DatasetFormatError as err:
+        _fail(str(err))
+    leaks = find_leakage(original)
+    items = list({it["image"]: it for s in CAP_SPLITS for it in original[s]}.values())
+    splits = case_level_split(items, fractions=fractions, seed=seed)
+    write_cap_json(out, splits)
+    typer.echo(json.dumps({"input_leaking_cases": len(leaks), "splits": {s: len(splits[s]) for s in CAP_SPLITS}, "out": str(out)}, indent=2))
