@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .registry import build_model, get_config
@@ -21,7 +20,7 @@ class ModelSummary:
     name: str
     params: int
     gmac: float
-    input_shape: list[int]
+    input_shape: list  # (D, H, W) of a volume, or [tokens, dim] per input for projectors
     outputs: list[list[int]] = field(default_factory=list)  # [tokens, dim] per output
 
     def to_dict(self) -> dict[str, Any]:
@@ -43,22 +42,25 @@ def summarize(name: str, input_size: tuple[int, ...] | None = None, batch_size: 
     with torch.device("meta"):
         model = build_model(config).eval()
     params = sum(p.numel() for p in model.parameters())
-    if input_size is None:
-        input_size = tuple(getattr(config, "input_size"))
-    example = example_input(model, tuple(input_size), batch_size)
+    if hasattr(model, "example_input"):  # models whose input is not a volume (projectors)
+        example = model.example_input(batch_size)
+        input_size = tuple(tuple(t.shape[1:]) for t in example)
+    else:
+        input_size = tuple(input_size or getattr(config, "input_size"))
+        example = torch.empty(batch_size, getattr(config, "in_channels", 1), *input_size, device="meta")
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
-        outputs = model(*example) if isinstance(example, tuple) else model(example)
+        outputs = model(example)
     if isinstance(outputs, torch.Tensor):
         outputs = [outputs]
     shapes = [list(o.shape[1:]) for o in outputs]
     gmac = counter.get_total_flops() / 2 / 1e9 / batch_size
-    return ModelSummary(name, params, round(gmac, 4), list(input_size), shapes)
+    return ModelSummary(name, params, round(gmac, 4), [list(i) if isinstance(i, tuple) else i for i in input_size], shapes)
 
 
-def example_input(model: nn.Module, input_size: tuple[int, ...], batch_size: int = 1) -> Any:
-    """A meta-device input of the right kind for `model` (models may define `example_input`)."""
-    if hasattr(model, "example_input"):
-        return model.example_input(input_size, batch_size)
-    in_channels = getattr(model.config, "in_channels", 1)
-    return torch.empty(batch_size, in_channels, *input_size, device="meta")
+def format_shape(shape: list) -> str:
+    """[128, 256, 256] -> '128x256x256'; [[256, 384], [32, 768]] -> '256x384 + 32x768'."""
+    if shape and isinstance(shape[0], list):
+        return " + ".join(format_shape(s) for s in shape)
+    return "x".join(map(str, shape))
+

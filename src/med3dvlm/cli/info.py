@@ -21,7 +21,7 @@ def info(
 
     Without NAME, summarise every registered model at its own input size.
     """
-    from ..profiling import summarize
+    from ..profiling import format_shape, summarize
     from ..registry import list_models
 
     overrides = {"llm_dim": llm_dim} if llm_dim is not None else {}
@@ -35,7 +35,7 @@ def info(
         payload = [s.to_dict() for s in summaries]
         typer.echo(json.dumps(payload[0] if name else payload, indent=2))
         return
-    typer.echo(f"{'model':<18} {'params':>14} {'GMAC':>10}  {'input':<14} outputs (tokens x dim)")
+    typer.echo(f"{'model':<18} {'params':>14} {'GMAC':>10}  {'input':<18} outputs (tokens x dim)")
     for s in summaries:
-        outs = ", ".join("x".join(map(str, o)) for o in s.outputs)
-        typer.echo(f"{s.name:<18} {s.params:>14,} {s.gmac:>10.2f}  {'x'.join(map(str, s.input_shape)):<14} {outs}")
+        outs = ", ".join(format_shape(o) for o in s.outputs)
+        typer.echo(f"{s.name:<18} {s.params:>14,} {s.gmac:>10.2f}  {format_shape(s.input_shape):<18} {outs}")

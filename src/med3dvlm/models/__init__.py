@@ -1,6 +1,7 @@
 """Model families; importing this package registers every named model."""
 
 from .dcformer import DCFormer, DCFormerConfig
+from .projector import Projector, ProjectorConfig
 from .vit3d import ViT3D, ViT3DConfig
 
-__all__ = ["DCFormer", "DCFormerConfig", "ViT3D", "ViT3DConfig"]
+__all__ = ["DCFormer", "DCFormerConfig", "Projector", "ProjectorConfig", "ViT3D", "ViT3DConfig"]
