@@ -66,16 +66,21 @@ def extract_report_text(raw: str) -> str:
     """The report text the paper trains on: after "study_findings:", else after "discussion:", else all.
 
     A part counts as present when it has at least 5 non-space characters; newlines become spaces.
+    Each part ends where the other marker starts, so findings never drag the discussion along.
     """
+    markers = ("study_findings:", "discussion:")
 
-    def after(marker: str) -> str | None:
+    def part(marker: str) -> str | None:
         at = raw.find(marker)
         if at < 0:
             return None
-        part = raw[at + len(marker) :]
-        return part if len("".join(part.split())) >= 5 else None
+        text = raw[at + len(marker) :]
+        other = markers[1 - markers.index(marker)]
+        if other in text:
+            text = text[: text.index(other)]
+        return text if len("".join(text.split())) >= 5 else None
 
-    text = after("study_findings:") or after("discussion:") or raw
+    text = part("study_findings:") or part("discussion:") or raw
     return " ".join(text.replace("\n", " ").split())
 
 
