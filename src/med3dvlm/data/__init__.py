@@ -7,6 +7,10 @@ Quick use::
     image = preprocess(volume, PreprocessSpec.ct("soft_tissue"))   # (1, 128, 256, 256) in [0, 1]
 """
 
+from .datasets import CaptionDataset, ImageReportDataset, VQADataset, load_image, train_transforms
+from .m3d import DatasetFormatError, check_dataset, read_cap_json, read_vqa_csv, write_cap_json, write_vqa_csv
+from .phantom import write_phantom_dataset
+from .prepare import prepare_m3d_cap
 from .preprocess import (
     WINDOW_PRESETS,
     IntensityWarning,
@@ -16,10 +20,28 @@ from .preprocess import (
     preprocess_with_report,
 )
 from .readers import DicomSeries, list_series, load_volume
+from .splits import case_level_split, find_leakage
+from .text import truncate_report
 from .volume import Volume, VolumeError, reorient
 
 __all__ = [
     "WINDOW_PRESETS",
+    "CaptionDataset",
+    "DatasetFormatError",
+    "ImageReportDataset",
+    "VQADataset",
+    "case_level_split",
+    "check_dataset",
+    "find_leakage",
+    "load_image",
+    "prepare_m3d_cap",
+    "read_cap_json",
+    "read_vqa_csv",
+    "train_transforms",
+    "truncate_report",
+    "write_cap_json",
+    "write_phantom_dataset",
+    "write_vqa_csv",
     "DicomSeries",
     "IntensityWarning",
     "PreprocessReport",
