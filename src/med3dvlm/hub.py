@@ -82,11 +82,18 @@ def read_config(directory: str | os.PathLike) -> ModelConfig:
 
 def from_pretrained(directory: str | os.PathLike, **overrides: Any) -> nn.Module:
     """Load whatever model `directory` holds, dispatching on `model_type` in its config."""
-    from .registry import build_model
+    from .registry import build_model, model_class_for
 
+    if _peek_model_type(directory) == "vlm_qwen":  # a released Med3DVLM checkpoint, not our format
+        from .convert.med3dvlm import load_released_med3dvlm
+
+        return load_released_med3dvlm(directory, **overrides)
     config = read_config(directory)
     if overrides:
         config = config.replace(**overrides)
+    model_class = model_class_for(config.model_type)
+    if hasattr(model_class, "load_directory"):  # composite models (the VLM) keep their parts in sub-folders
+        return model_class.load_directory(directory, config)
     weights = Path(directory) / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: missing weights file")
@@ -101,6 +108,14 @@ def from_pretrained(directory: str | os.PathLike, **overrides: Any) -> nn.Module
         )
     model.eval()
     return model
+
+
+def _peek_model_type(directory: str | os.PathLike) -> str | None:
+    path = Path(directory) / CONFIG_NAME
+    try:
+        return json.loads(path.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None  # read_config reports the problem properly
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -75,6 +75,13 @@ def config_class_for(model_type: str) -> type[ModelConfig]:
     return _CONFIG_CLASSES[model_type]
 
 
+def model_class_for(model_type: str) -> type[nn.Module]:
+    _ensure_builtin_models()
+    if model_type not in _MODEL_CLASSES:
+        raise KeyError(f"no model class registered for model_type {model_type!r}")
+    return _MODEL_CLASSES[model_type]
+
+
 def build_model(config: ModelConfig) -> nn.Module:
     """Instantiate the model class registered for `config.model_type`."""
     _ensure_builtin_models()

@@ -1,0 +1,271 @@
+"""The Med3DVLM vision-language model: 3D encoder -> projector -> any Hugging Face causal LM (LLaVA style).
+
+Xin et al., "Med3DVLM: An Efficient Vision-Language Model for 3D Medical Image Analysis", IEEE JBHI 2025.
+
+The prompt carries one `<im_patch>` token per projector output token; the image features are written into
+the LLM's input embeddings at exactly those positions (`splice="token"`), and a count mismatch is an error.
+`splice="original"` reproduces the released model instead: it overwrites positions 1..N whatever the tokens
+are, which with Qwen's BOS-less tokenizer drops the first text token. It exists only so the released
+weights run unchanged (see `med3dvlm.convert.med3dvlm`).
+
+Saved as a directory: `config.json` (this config, including the LLM's HF config), `vision/` and
+`projector/` in med3dvlm's format, `llm/` in the Hugging Face format with the tokenizer.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from ..hub import CONFIG_NAME, PretrainedModel, from_pretrained, write_json_atomic
+from ..prompts import IMAGE_TOKEN, VLMProcessor, add_image_token
+from ..registry import build_model, get_config, register_family, register_model
+from .llm import DEFAULT_LLM, load_llm
+
+log = logging.getLogger(__name__)
+
+SPLICE_MODES = ("token", "original")
+
+
+@dataclass
+class VLMConfig(ModelConfig):
+    model_type = "vlm"
+
+    vision: str = "dcformer_small"  # registered encoder name
+    vision_overrides: dict[str, Any] = field(default_factory=dict)
+    projector: str = "mixer2x_h"  # registered projector name; its sizes are fitted to the encoder and LLM
+    projector_overrides: dict[str, Any] = field(default_factory=dict)
+    llm: str = DEFAULT_LLM  # LLM to load pretrained weights from (directory or hub id)
+    llm_config: dict[str, Any] | None = None  # the LLM's HF config; when set, the LLM is built from it
+    image_token: str = IMAGE_TOKEN
+    image_token_id: int | None = None
+    splice: str = "token"  # one of SPLICE_MODES
+    max_length: int = 512  # tokens per training example, image tokens included
+
+    def __post_init__(self) -> None:
+        if self.splice not in SPLICE_MODES:
+            raise ValueError(f"splice must be one of {SPLICE_MODES}, got {self.splice!r}")
+
+
+def build_llm_from_config(llm_config: dict[str, Any]) -> nn.Module:
+    """A randomly initialised causal LM from a Hugging Face config dict (no download)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = dict(llm_config)
+    hf_config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    return AutoModelForCausalLM.from_config(hf_config)
+
+
+def _encoder_token_shapes(vision_name: str, overrides: dict[str, Any]) -> list[tuple[int, int]]:
+    """(tokens, channels) of each encoder output at the encoder's own input size, computed on meta."""
+    config = get_config(vision_name, **overrides)
+    with torch.device("meta"):
+        encoder = build_model(config).eval()
+        outputs = encoder(torch.empty(1, getattr(config, "in_channels", 1), *config.input_size))
+    return [(o.shape[1], o.shape[2]) for o in outputs]
+
+
+def projector_config_for(config: VLMConfig, llm_dim: int) -> ModelConfig:
+    shapes = _encoder_token_shapes(config.vision, config.vision_overrides)
+    if len(shapes) < 2:
+        raise ValueError(f"encoder {config.vision} has one output; the projectors need its last two stages")
+    (low_tokens, low_dim), (high_tokens, high_dim) = shapes[-2], shapes[-1]
+    fitted = dict(llm_dim=llm_dim, low_dim=low_dim, high_dim=high_dim, low_tokens=low_tokens, high_tokens=high_tokens)
+    return get_config(config.projector, **{**fitted, **config.projector_overrides})
+
+
+@register_family(VLMConfig)
+class Med3DVLM(PretrainedModel):
+    config_class = VLMConfig
+
+    def __init__(self, config: VLMConfig, llm: nn.Module | None = None, tokenizer: Any = None) -> None:
+        super().__init__(config)
+        if llm is None:
+            if config.llm_config is not None:
+                llm = build_llm_from_config(config.llm_config)
+            else:
+                llm, loaded_tokenizer = load_llm(config.llm)
+                tokenizer = tokenizer or loaded_tokenizer
+        self.llm = llm
+        self.vision = build_model(get_config(config.vision, **config.vision_overrides))
+        self.projector = build_model(projector_config_for(config, self.llm.config.hidden_size))
+        self.tokenizer = tokenizer
+        self.processor: VLMProcessor | None = None
+        if tokenizer is not None:
+            config.image_token_id = add_image_token(tokenizer, config.image_token)
+            self._fit_embeddings(len(tokenizer))
+            self.processor = VLMProcessor(tokenizer, self.num_image_tokens, config.max_length, config.image_token)
+        config.llm_config = _llm_config_dict(self.llm)
+
+    # -- construction helpers ------------------------------------------------------------------
+    def _fit_embeddings(self, vocab_size: int) -> None:
+        """Grow the LLM's embeddings to cover new tokens, new rows set to the mean of the old ones."""
+        embeddings = self.llm.get_input_embeddings()
+        old = embeddings.weight.shape[0]
+        if vocab_size <= old:
+            return  # Qwen pads its matrix past the tokenizer; unlike the original we never shrink it
+        if embeddings.weight.is_meta:
+            self.llm.resize_token_embeddings(vocab_size, mean_resizing=False)
+            return
+        self.llm.resize_token_embeddings(vocab_size, mean_resizing=False)
+        with torch.no_grad():
+            inp = self.llm.get_input_embeddings().weight
+            inp[old:] = inp[:old].mean(dim=0, keepdim=True)
+            out = self.llm.get_output_embeddings()
+            if out is not None and out.weight.data_ptr() != inp.data_ptr():
+                out.weight[old:] = out.weight[:old].mean(dim=0, keepdim=True)
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.projector.num_output_tokens
+
+    @property
+    def image_token_id(self) -> int:
+        if self.config.image_token_id is None:
+            raise ValueError("the model has no tokenizer yet, so the image token id is unknown")
+        return self.config.image_token_id
+
+    # -- forward -------------------------------------------------------------------------------
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 1, D, H, W) volumes -> (B, num_image_tokens, llm hidden) features."""
+        features = self.projector(self.vision(images))
+        return features.to(self.llm.get_input_embeddings().weight.dtype)
+
+    def embed_inputs(self, input_ids: torch.Tensor, images: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with the image features written in (see the module docstring)."""
+        embeds = self.llm.get_input_embeddings()(input_ids)
+        if images is None:
+            return embeds
+        features = self.encode_images(images)
+        n = features.shape[1]
+        if self.config.splice == "original":
+            if input_ids.shape[1] < n + 1:
+                raise ValueError(f"sequence of {input_ids.shape[1]} tokens is shorter than 1 + {n} image positions")
+            return torch.cat([embeds[:, :1], features, embeds[:, n + 1:]], dim=1)
+        mask = input_ids == self.image_token_id
+        counts = mask.sum(dim=1)
+        if not bool((counts == n).all()):
+            raise ValueError(
+                f"each sequence needs exactly {n} {self.config.image_token} tokens (the projector's output), "
+                f"got {counts.tolist()}"
+            )
+        return embeds.masked_scatter(mask.unsqueeze(-1), features)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        images: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+    ) -> Any:
+        """The LLM's output (with `.loss` when labels are given; -100 labels are ignored)."""
+        embeds = self.embed_inputs(input_ids, images)
+        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        images: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        **generate_kwargs: Any,
+    ) -> torch.Tensor:
+        """New token ids only. Prompts must be left-padded (see `VLMProcessor.generation_batch`)."""
+        embeds = self.embed_inputs(input_ids, images)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id if self.tokenizer else None)
+        return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
+
+    # -- saving and loading --------------------------------------------------------------------
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.config.llm_config = _llm_config_dict(self.llm)
+        self.vision.save_pretrained(directory / "vision")
+        self.projector.save_pretrained(directory / "projector")
+        self.llm.save_pretrained(directory / "llm")
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(directory / "llm")
+        write_json_atomic(directory / CONFIG_NAME, self.config.to_dict())  # last: marks the directory complete
+        return directory
+
+    @classmethod
+    def load_directory(cls, directory: str | os.PathLike, config: VLMConfig, dtype: torch.dtype = torch.float32) -> "Med3DVLM":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        directory = Path(directory)
+        for part in ("vision", "projector", "llm"):
+            if not (directory / part).is_dir():
+                raise FileNotFoundError(f"{directory / part}: missing; not a complete med3dvlm VLM directory")
+        llm = AutoModelForCausalLM.from_pretrained(directory / "llm", dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(directory / "llm")
+        model = cls(config, llm=llm, tokenizer=tokenizer)
+        model.vision = from_pretrained(directory / "vision")
+        model.projector = from_pretrained(directory / "projector")
+        return model.eval()
+
+
+def _llm_config_dict(llm: nn.Module) -> dict[str, Any]:
+    base = getattr(llm, "get_base_model", lambda: llm)()
+    data = base.config.to_diff_dict() if hasattr(base.config, "to_diff_dict") else base.config.to_dict()
+    data["model_type"] = base.config.model_type
+    for key in ("transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype"):
+        data.pop(key, None)
+    return data
+
+
+# Qwen2.5-7B-Instruct's architecture, so the paper's model can be built (e.g. on the meta device to check its
+# size) without downloading anything. Pass `llm_config=None` with `llm=...` to load real weights instead.
+QWEN25_7B_INSTRUCT = {
+    "model_type": "qwen2",
+    "vocab_size": 152064,
+    "hidden_size": 3584,
+    "intermediate_size": 18944,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 32768,
+    "rope_theta": 1000000.0,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+    "hidden_act": "silu",
+}
+
+TINY_LLAMA = {
+    "model_type": "llama",
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": True,
+}
+
+
+@register_model
+def med3dvlm_qwen7b() -> VLMConfig:
+    """The paper's model: DCFormer-small, 2xMLP-Mixer-H, Qwen2.5-7B-Instruct (architecture only)."""
+    return VLMConfig(vision="dcformer_small", projector="mixer2x_h", llm="Qwen/Qwen2.5-7B-Instruct",
+                     llm_config=dict(QWEN25_7B_INSTRUCT))
+
+
+@register_model
+def med3dvlm_smollm2() -> VLMConfig:
+    """The embedded default: DCFormer-small, 2xMLP-Mixer-H and the offline SmolLM2-135M-Instruct."""
+    return VLMConfig(vision="dcformer_small", projector="mixer2x_h", llm=DEFAULT_LLM)
+
+
+@register_model
+def med3dvlm_test() -> VLMConfig:
+    """Tiny random model for tests: dcformer_test at 64^3, a small mixer, a 2-layer Llama."""
+    return VLMConfig(vision="dcformer_test", projector="mixer2x_h_test", llm_config=dict(TINY_LLAMA), max_length=128)
