@@ -69,19 +69,37 @@ def _world(group: dist.ProcessGroup | None) -> tuple[int, int]:
     return dist.get_rank(group=group), dist.get_world_size(group=group)
 
 
+class _AllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, group, tensor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.group = group
+        ctx.rank, world_size = _world(group)
+        ctx.rows = tensor.shape[0]
+        parts = [torch.empty_like(tensor) for _ in range(world_size)]
+        dist.all_gather(parts, tensor.contiguous(), group=group)
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        # Every rank holds a gradient for every slice; the owner of a slice needs their sum. An all-reduce
+        # is a reduce-scatter that every backend (gloo included) supports, at the price of moving the
+        # whole (N, D) gradient; features are small next to the logits, so that is fine.
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return None, grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
 def all_gather_with_grad(tensor: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """Concatenate `tensor` from every rank along dim 0, keeping the autograd graph.
 
     Backward sums the gradients of each rank's slice over all ranks and hands it back to its owner, so every
-    rank's features get the gradient of the sum of all ranks' losses. A no-op outside torch.distributed.
+    rank's features get the gradient of the sum of all ranks' losses. Needs equal shapes on all ranks.
+    A no-op outside torch.distributed.
     """
     _, world_size = _world(group)
     if world_size == 1:
         return tensor
-    import torch.distributed.nn.functional as dist_fn  # imported lazily: pulls in RPC-free but heavy modules
-
-    parts = dist_fn.all_gather(tensor, group=group if group is not None else dist.group.WORLD)
-    return torch.cat(parts, dim=0)
+    return _AllGather.apply(group, tensor)
 
 
 def _global_rank(group: dist.ProcessGroup | None, rank: int) -> int:
