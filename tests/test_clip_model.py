@@ -199,3 +199,11 @@ def test_bad_config_values() -> None:
         get_config("clip_dcformer_test", loss="nce")
     with pytest.raises(ValueError, match="model_type"):
         ContrastiveConfig(text_config={"hidden_size": 8})
+
+
+def test_example_input_runs_forward() -> None:
+    model = create_model("clip_dcformer_test").eval()
+    images, ids = model.example_input(batch_size=2, device="cpu")
+    assert images.shape == (2, 1, 64, 64, 64) and ids.shape == (2, 64)
+    with torch.no_grad():
+        assert model(images, ids)["image_features"].shape == (2, 32)

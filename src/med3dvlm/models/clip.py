@@ -130,12 +130,15 @@ class Contrastive3D(PretrainedModel):
 
         return make_loss(self.config.loss, **kwargs)  # type: ignore[arg-type]
 
-    def example_input(self, input_size: tuple[int, ...], batch_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """Meta-device (images, input_ids) for profiling."""
+    def example_input(
+        self, batch_size: int = 1, device: str | torch.device = "meta", input_size: tuple[int, ...] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images, input_ids) of the configured sizes, for profiling: `model(*example_input())`."""
+        size = tuple(input_size or self.config.input_size)
         in_channels = getattr(self.vision.config, "in_channels", 1)
-        images = torch.empty(batch_size, in_channels, *input_size, device="meta")
-        ids = torch.zeros(batch_size, min(self.config.max_text_length, self.text.max_positions or 512), dtype=torch.long, device="meta")
-        return images, ids
+        images = torch.zeros(batch_size, in_channels, *size, device=device)
+        length = min(self.config.max_text_length, self.text.max_positions or self.config.max_text_length)
+        return images, torch.zeros(batch_size, length, dtype=torch.long, device=device)
 
     # ----------------------------------------------------------------------------------------------------------
     # text helpers
