@@ -178,9 +178,16 @@ class Med3DVLM(PretrainedModel):
         **generate_kwargs: Any,
     ) -> torch.Tensor:
         """New token ids only. Prompts must be left-padded (see `VLMProcessor.generation_batch`)."""
-        embeds = self.embed_inputs(input_ids, images)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if self.config.splice == "original" and input_ids.shape[0] > 1 and not bool(attention_mask.all()):
+            # The original splice writes at fixed positions, which padding would shift: one at a time.
+            outs = []
+            for i in range(input_ids.shape[0]):
+                keep = attention_mask[i].bool()
+                outs.append(self.generate(images[i:i + 1], input_ids[i:i + 1, keep], None, **generate_kwargs)[0])
+            return _pad_right(outs, generate_kwargs.get("pad_token_id", self.tokenizer.pad_token_id))
+        embeds = self.embed_inputs(input_ids, images)
         generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id if self.tokenizer else None)
         return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
 
@@ -211,6 +218,13 @@ class Med3DVLM(PretrainedModel):
         model.vision = from_pretrained(directory / "vision")
         model.projector = from_pretrained(directory / "projector")
         return model.eval()
+
+
+def _pad_right(rows: list[torch.Tensor], pad_id: int) -> torch.Tensor:
+    out = torch.full((len(rows), max(len(r) for r in rows)), pad_id, dtype=torch.long)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
 
 
 def _llm_config_dict(llm: nn.Module) -> dict[str, Any]:
