@@ -103,12 +103,32 @@ def test_chunked_block_gradcheck() -> None:
     assert torch.autograd.gradcheck(lambda x, y, s, b: sigmoid_block_loss(x, y, s, b, None, 2), (x, y, scale, b))
 
 
-def test_chunked_float32_input_bf16_safe() -> None:
-    x, y, t_prime, b = (v.detach().float().requires_grad_() for v in _features())
-    full = SigLipLoss()(x, y, t_prime.exp(), b)
-    chunked = SigLipLoss(chunk_size=4)(x, y, t_prime.exp(), b)
-    torch.testing.assert_close(full, chunked)
-    assert chunked.dtype == torch.float32
+def test_chunked_loss_keeps_no_logits_for_backward() -> None:
+    # What autograd keeps between forward and backward decides the memory of a big batch: the chunked path
+    # must keep only the (N, D) features, never an N x N (or chunk x N) logit block.
+    n, d = 64, 8
+    x, y, t_prime, b = (v.detach().float().requires_grad_() for v in _features(n=n, d=d))
+    sizes: dict[int, list[int]] = {}
+    for chunk in (0, 4):
+        saved: list[int] = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+            SigLipLoss(chunk_size=chunk)(x, y, t_prime.exp(), b)
+        sizes[chunk] = saved
+    assert max(sizes[0]) >= n * n  # the plain path keeps the logits
+    assert max(sizes[4]) <= n * d
+
+
+def test_bfloat16_features_are_summed_in_float32() -> None:
+    x, y, t_prime, b = _features()
+    want = SigLipLoss()(x, y, t_prime.exp(), b)
+    xb, yb = x.detach().bfloat16().requires_grad_(), y.detach().bfloat16().requires_grad_()
+    for chunk in (0, 4):
+        loss = SigLipLoss(chunk_size=chunk)(xb, yb, t_prime.exp().float(), b.float())
+        assert loss.dtype == torch.float32
+        torch.testing.assert_close(loss.double(), want.detach(), rtol=2e-2, atol=2e-2)
+        loss.backward()
+        assert xb.grad.dtype == torch.bfloat16 and torch.isfinite(xb.grad).all()
+        xb.grad = yb.grad = None
 
 
 def test_clip_matches_naive_values_and_grads() -> None:

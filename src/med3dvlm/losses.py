@@ -84,7 +84,7 @@ class _AllGather(torch.autograd.Function):
         # Every rank holds a gradient for every slice; the owner of a slice needs their sum. An all-reduce
         # is a reduce-scatter that every backend (gloo included) supports, at the price of moving the
         # whole (N, D) gradient; features are small next to the logits, so that is fine.
-        grad = grad.contiguous()
+        grad = grad.clone(memory_format=torch.contiguous_format)  # reduced in place: never touch autograd's buffer
         dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
         return None, grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
 
