@@ -1,0 +1,1 @@
+"""Evaluation: image-text retrieval (`retrieval`); report generation and VQA metrics join this package."""

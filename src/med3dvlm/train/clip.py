@@ -1,0 +1,246 @@
+"""Stage 1: contrastive image-report pre-training of DCFormer + a BERT text tower (DCFormer-SigLIP).
+
+Recipe (reference-facts §2): every parameter trained (vision encoder, text encoder, both projections,
+t' and b), SigLIP loss, AdamW lr 1e-4, weight decay 0.1, 3% warmup then cosine, per-device batch 64,
+100 epochs, bf16, DeepSpeed ZeRO-2; `configs/clip_paper.yaml` holds it and `configs/clip_cpu.yaml` a small
+CPU version on the phantom dataset. Run it with
+
+    med3dvlm train clip --config configs/clip_cpu.yaml [--resume] [--set train.lr=3e-4 ...]
+    accelerate launch --num_processes 8 $(which med3dvlm) train clip --config configs/clip_paper.yaml
+
+Outputs under ``train.output_dir``: ``checkpoints/`` (resumable), ``model/`` (the whole Contrastive3D with
+its tokenizer, `med3dvlm.hub.from_pretrained` loads it), ``vision/`` (the DCFormer encoder alone, the
+starting point of stage 2, like the original's ``pretrained_ViT.bin``), ``logs/`` (TensorBoard),
+``metrics.jsonl`` and, when the recipe has an ``eval`` split, ``eval/`` (retrieval recall@K).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .config import section_from_dict, to_plain
+from .engine import TrainConfig, Trainer
+
+logger = logging.getLogger(__name__)
+
+SECTIONS = ("model", "data", "loss", "train", "eval")
+
+
+@dataclass
+class ClipModelSection:
+    name: str = "clip_dcformer_small_minilm"  # a registered contrastive model (`med3dvlm info`)
+    overrides: dict[str, Any] = field(default_factory=dict)  # ContrastiveConfig fields, e.g. vision_overrides
+    init_from: str | None = None  # a saved Contrastive3D folder to start from instead of `name`
+    tokenizer: str | None = None  # tokenizer folder; default: the text weights' folder, else MiniLM's
+
+
+@dataclass
+class ClipDataSection:
+    cap_json: str = "data/M3D_Cap/M3D_Cap.json"
+    root: str | None = None  # folder item paths are relative to; default: found from cap_json
+    split: str = "train"
+    image_size: tuple[int, int, int] | None = None  # (D, H, W); default: the model's input_size
+    augment: bool = True  # the paper's MONAI augmentations and random report truncation
+    on_error: str = "raise"  # or "skip" unreadable items (logged and counted)
+    limit: int | None = None  # only the first N items (smoke runs)
+
+
+@dataclass
+class ClipLossSection:
+    dist_impl: str = "gather"  # "gather" or "ring" (SigLIP only)
+    chunk_size: int = 0  # SigLIP logits rows at a time (memory bound); 0 = all
+    symmetric_logits: bool = False  # the original code's (L + L^T)/2 variant
+
+
+@dataclass
+class ClipEvalSection:
+    split: str | None = "test"  # retrieval evaluation after training; null to skip
+    sizes: tuple[int, ...] = (100, 500, 1000, 2000)
+    batch_size: int = 8
+
+
+@dataclass
+class ClipRecipe:
+    model: ClipModelSection = field(default_factory=ClipModelSection)
+    data: ClipDataSection = field(default_factory=ClipDataSection)
+    loss: ClipLossSection = field(default_factory=ClipLossSection)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: ClipEvalSection = field(default_factory=ClipEvalSection)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ClipRecipe:
+        source = data.get("_source", "recipe")
+        sections = {k: v for k, v in data.items() if not k.startswith("_")}
+        return section_from_dict(cls, sections, where=str(source))
+
+
+class ContrastiveTask(nn.Module):
+    """Model + loss: ``forward(batch)`` -> {"loss", "logit_scale", "logit_bias"} for the trainer."""
+
+    def __init__(self, model: nn.Module, loss: nn.Module) -> None:
+        super().__init__()
+        self.model, self.loss = model, loss
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = self.model(batch["images"], batch["input_ids"], batch.get("attention_mask"))
+        loss = self.loss(out["image_features"], out["text_features"], out["logit_scale"], out["logit_bias"])
+        logs = {"loss": loss, "logit_scale": out["logit_scale"].detach()}
+        if out["logit_bias"] is not None:
+            logs["logit_bias"] = out["logit_bias"].detach()
+        return logs
+
+
+class ImageTextCollate:
+    """Stack images and tokenize reports (padding to the longest, truncation to `max_length`).
+
+    A class rather than a closure so DataLoader workers can pickle it.
+    """
+
+    def __init__(self, tokenizer: Any, max_length: int) -> None:
+        self.tokenizer, self.max_length = tokenizer, max_length
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        tokens = self.tokenizer(
+            [it["text"] for it in items], max_length=self.max_length, truncation=True, padding=True, return_tensors="pt"
+        )
+        return {
+            "images": torch.stack([it["image"] for it in items]),
+            "input_ids": tokens["input_ids"],
+            "attention_mask": tokens["attention_mask"],
+        }
+
+
+class TokenCounter:
+    """Token count of a string with the model's tokenizer (for the paper's report truncation)."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    def __call__(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+
+
+def build_model(section: ClipModelSection) -> nn.Module:
+    """The Contrastive3D to train: a saved folder (`init_from`) or a registered name with overrides."""
+    from ..hub import from_pretrained
+    from ..models.clip import Contrastive3D
+    from ..registry import create_model
+
+    if section.init_from:
+        model = from_pretrained(section.init_from, **section.overrides)
+    else:
+        model = create_model(section.name, **section.overrides)
+    if not isinstance(model, Contrastive3D):
+        raise TypeError(f"model {section.init_from or section.name!r} is a {type(model).__name__}, not a Contrastive3D")
+    return model.train()
+
+
+def load_model_tokenizer(section: ClipModelSection, model: nn.Module) -> Any:
+    from ..models.text import load_tokenizer, minilm_dir
+
+    source = section.tokenizer or section.init_from or model.config.text_pretrained or minilm_dir()
+    try:
+        return load_tokenizer(source)
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(f"{source}: no tokenizer could be loaded ({err}); set model.tokenizer in the recipe") from None
+
+
+def max_text_length(model: nn.Module) -> int:
+    limit = model.config.max_text_length
+    return min(limit, model.text.max_positions) if model.text.max_positions else limit
+
+
+def build_dataset(section: ClipDataSection, image_size: tuple[int, int, int], tokenizer: Any, max_tokens: int, seed: int):
+    from torch.utils.data import Subset
+
+    from ..data.datasets import ImageReportDataset
+
+    dataset = ImageReportDataset(
+        section.cap_json,
+        split=section.split,
+        root=section.root,
+        size=image_size,
+        train=section.augment,
+        max_tokens=max_tokens,
+        count_tokens=TokenCounter(tokenizer),
+        seed=seed,
+        on_error=section.on_error,
+    )
+    if section.limit is not None:
+        dataset = Subset(dataset, range(min(section.limit, len(dataset))))
+    return dataset
+
+
+def main(recipe: dict[str, Any], resume: bool | str | os.PathLike = False) -> dict[str, Any]:
+    """Run stage 1 from a recipe dict (see `load_recipe`); returns a summary (paths, steps, metrics)."""
+    cfg = ClipRecipe.from_dict(recipe)
+    model = build_model(cfg.model)
+    tokenizer = load_model_tokenizer(cfg.model, model)
+    image_size = tuple(cfg.data.image_size or model.config.input_size)
+    text_len = max_text_length(model)
+    dataset = build_dataset(cfg.data, image_size, tokenizer, text_len, cfg.train.seed)  # type: ignore[arg-type]
+    loss = model.loss_fn(**_loss_kwargs(cfg.loss, model.config.loss))
+    task = ContrastiveTask(model, loss)
+    logger.info(
+        "stage 1: %s (%.1f M parameters), %d training pairs at %s, text <= %d tokens",
+        cfg.model.init_from or cfg.model.name, model.num_parameters() / 1e6, len(dataset), "x".join(map(str, image_size)), text_len,
+    )
+    trainer = Trainer(task, dataset, cfg.train, ImageTextCollate(tokenizer, text_len), recipe=to_plain(cfg))
+    t0 = time.perf_counter()
+    result = trainer.train(resume=resume)
+    out = Path(cfg.train.output_dir)
+    summary: dict[str, Any] = {
+        "output_dir": str(out),
+        "global_step": result.global_step,
+        "total_steps": result.total_steps,
+        "completed": result.completed,
+        "train_seconds": round(time.perf_counter() - t0, 1),
+        "last_checkpoint": str(result.last_checkpoint) if result.last_checkpoint else None,
+        "final_loss": result.history[-1]["train/loss"] if result.history else None,
+    }
+    if not result.completed:
+        logger.warning("stopped at step %d of %d; continue with --resume", result.global_step, result.total_steps)
+        return summary
+    acc = trainer.accelerator
+    trained = result.task.model
+    if acc.is_main_process:
+        trained.eval()
+        trained.save_pretrained(out / "model", tokenizer=tokenizer)
+        trained.vision.save_pretrained(out / "vision")  # stage 2 starts from this encoder
+        summary.update(model_dir=str(out / "model"), vision_dir=str(out / "vision"))
+        logger.info("saved %s and %s", out / "model", out / "vision")
+        if cfg.eval.split:
+            summary["eval"] = _evaluate(cfg, trained, tokenizer, image_size, out / "eval")
+    acc.wait_for_everyone()
+    return summary
+
+
+def _loss_kwargs(section: ClipLossSection, kind: str) -> dict[str, Any]:
+    if kind == "clip":
+        return {}
+    return {"dist_impl": section.dist_impl, "chunk_size": section.chunk_size, "symmetric_logits": section.symmetric_logits}
+
+
+def _evaluate(cfg: ClipRecipe, model: nn.Module, tokenizer: Any, image_size: tuple[int, ...], out: Path) -> dict[str, Any]:
+    from ..eval.retrieval import evaluate_retrieval, write_retrieval_report
+
+    result = evaluate_retrieval(
+        model, tokenizer, cfg.data.cap_json, split=cfg.eval.split or "test", sizes=cfg.eval.sizes, root=cfg.data.root,
+        image_size=image_size, batch_size=cfg.eval.batch_size,  # type: ignore[arg-type]
+    )
+    write_retrieval_report({cfg.eval.split or "test": result}, out)
+    return result
+
+
+if __name__ == "__main__":  # `accelerate launch -m med3dvlm.train.clip --config FILE` also works
+    from ..cli import main as cli_main
+
+    raise SystemExit(cli_main(["train", "clip", *__import__("sys").argv[1:]]))
