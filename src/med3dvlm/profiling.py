@@ -39,6 +39,8 @@ def summarize(name: str, input_size: tuple[int, ...] | None = None, batch_size: 
     `input_size` defaults to the config's own `input_size`; overrides change config fields.
     """
     config = get_config(name, **overrides)
+    if config.model_type == "vlm":
+        return _summarize_vlm(name, config)
     with torch.device("meta"):
         model = build_model(config).eval()
     params = sum(p.numel() for p in model.parameters())
@@ -64,3 +66,27 @@ def format_shape(shape: list) -> str:
         return " + ".join(format_shape(s) for s in shape)
     return "x".join(map(str, shape))
 
+
+
+def _summarize_vlm(name: str, config: Any) -> ModelSummary:
+    """A VLM's size without loading its LLM: parameters of all parts, compute of encoder + projector."""
+    from .models.vlm import KNOWN_LLM_CONFIGS
+
+    llm_config = config.llm_config or KNOWN_LLM_CONFIGS.get(config.llm)
+    if llm_config is None:
+        from transformers import AutoConfig
+
+        from .models.llm import resolve_llm_path
+
+        hf = AutoConfig.from_pretrained(resolve_llm_path(config.llm))
+        llm_config = {**hf.to_dict(), "model_type": hf.model_type}
+    with torch.device("meta"):
+        model = build_model(config.replace(llm_config=dict(llm_config))).eval()
+    params = sum(p.numel() for p in model.parameters())
+    vision_config = model.vision.config
+    example = torch.empty(1, getattr(vision_config, "in_channels", 1), *vision_config.input_size, device="meta")
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        tokens = model.projector(model.vision(example))
+    gmac = counter.get_total_flops() / 2 / 1e9
+    return ModelSummary(name, params, round(gmac, 4), list(vision_config.input_size), [list(tokens.shape[1:])])

@@ -253,6 +253,24 @@ QWEN25_7B_INSTRUCT = {
     "hidden_act": "silu",
 }
 
+# SmolLM2-135M-Instruct's architecture (the embedded default), for sizing the model without loading it.
+SMOLLM2_135M = {
+    "model_type": "llama",
+    "vocab_size": 49152,
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "head_dim": 64,
+    "max_position_embeddings": 8192,
+    "rope_theta": 100000.0,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": True,
+    "hidden_act": "silu",
+}
+KNOWN_LLM_CONFIGS = {DEFAULT_LLM: SMOLLM2_135M, "Qwen/Qwen2.5-7B-Instruct": QWEN25_7B_INSTRUCT}
+
 TINY_LLAMA = {
     "model_type": "llama",
     "vocab_size": 512,
