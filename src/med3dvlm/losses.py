@@ -120,7 +120,7 @@ def _exchange(send_to: int, recv_from: int, tensor: torch.Tensor, group: dist.Pr
 
 class _NeighbourExchange(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, send_to: int, recv_from: int, group, tensor: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, send_to: int, recv_from: int, group, tensor: torch.Tensor):  # type: ignore[override]
         ctx.send_to, ctx.recv_from, ctx.group = send_to, recv_from, group
         return _exchange(send_to, recv_from, tensor, group)
 
@@ -141,6 +141,14 @@ def neighbour_exchange_with_grad(
 # SigLIP
 
 
+def _check_pair(image_features: torch.Tensor, text_features: torch.Tensor) -> None:
+    if image_features.dim() != 2 or image_features.shape != text_features.shape:
+        raise ValueError(
+            "paired features need equal (B, D) shapes, got "
+            f"{tuple(image_features.shape)} and {tuple(text_features.shape)}"
+        )
+
+
 def _acc(t: torch.Tensor) -> torch.Tensor:
     """Half-precision logits are summed in float32; float32/float64 stay as they are."""
     return t.to(torch.promote_types(t.dtype, torch.float32))
@@ -158,7 +166,9 @@ def _sigmoid_terms(logits: torch.Tensor, pos_rows: torch.Tensor, pos_cols: torch
     return total
 
 
-def _positives(rows: int, cols: int, row_start: int, pos_offset: int | None, device) -> tuple[torch.Tensor, torch.Tensor]:
+def _positives(
+    rows: int, cols: int, row_start: int, pos_offset: int | None, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices (within a chunk of `rows` rows starting at row `row_start`) of entries with i + offset == j."""
     if pos_offset is None:
         empty = torch.empty(0, dtype=torch.long, device=device)
@@ -285,17 +295,16 @@ class SigLipLoss(nn.Module):
         logit_scale: torch.Tensor,
         logit_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if image_features.shape != text_features.shape:
-            raise ValueError(f"paired features need equal shapes, got {tuple(image_features.shape)} and {tuple(text_features.shape)}")
+        _check_pair(image_features, text_features)
         rank, world_size = _world(self.group)
         batch = image_features.shape[0]
         if self.symmetric_logits:
             return self._symmetric(image_features, text_features, logit_scale, logit_bias, rank, world_size)
         if world_size == 1 or self.dist_impl == "gather":
             all_text = all_gather_with_grad(text_features, self.group)
-            total = sigmoid_block_loss(
-                image_features, all_text, logit_scale, logit_bias, pos_offset=rank * batch, chunk_size=self.chunk_size
-            )
+            # Image row i of this rank is paired with global text row rank * batch + i.
+            offset = rank * batch
+            total = sigmoid_block_loss(image_features, all_text, logit_scale, logit_bias, offset, self.chunk_size)
             return total / batch
         # Ring: start with the local block (it holds the positives), then receive every other rank's texts
         # from the left neighbour while passing the current block to the right one.
@@ -304,7 +313,8 @@ class SigLipLoss(nn.Module):
         block = text_features
         for _ in range(world_size - 1):
             block = neighbour_exchange_with_grad(right, left, block, self.group)
-            total = total + sigmoid_block_loss(image_features, block, logit_scale, logit_bias, None, self.chunk_size)
+            negatives = sigmoid_block_loss(image_features, block, logit_scale, logit_bias, None, self.chunk_size)
+            total = total + negatives
         return total / batch
 
     def _symmetric(self, image_features, text_features, logit_scale, logit_bias, rank, world_size) -> torch.Tensor:
@@ -341,15 +351,15 @@ class ClipLoss(nn.Module):
         logit_scale: torch.Tensor,
         logit_bias: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        if image_features.shape != text_features.shape:
-            raise ValueError(f"paired features need equal shapes, got {tuple(image_features.shape)} and {tuple(text_features.shape)}")
+        _check_pair(image_features, text_features)
         rank, _ = _world(self.group)
         all_image = all_gather_with_grad(image_features, self.group)
         all_text = all_gather_with_grad(text_features, self.group)
         bias = 0.0 if logit_bias is None else logit_bias
         logits_per_image = _acc(logit_scale * image_features @ all_text.T + bias)
         logits_per_text = _acc(logit_scale * text_features @ all_image.T + bias)
-        labels = torch.arange(image_features.shape[0], device=image_features.device) + rank * image_features.shape[0]
+        batch = image_features.shape[0]
+        labels = torch.arange(batch, device=image_features.device) + rank * batch
         return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
 
 

@@ -138,7 +138,9 @@ def convert_siglip_checkpoint(
     converted = convert_siglip_state_dict(state_dict)
     missing, unexpected = model.load_state_dict(converted, strict=False)
     if missing or unexpected:
-        raise ValueError(f"converted weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"converted weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     if not math.isfinite(model.logit_scale.item()):
         raise ValueError("the converted temperature t' is not finite")
     return model.eval()

@@ -153,7 +153,9 @@ class Contrastive3D(PretrainedModel):
         return {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
 
     @torch.no_grad()
-    def encode_prompts(self, tokenizer: Any, class_prompts: Sequence[str] | Sequence[Sequence[str]]) -> torch.Tensor:
+    def encode_prompts(
+        self, tokenizer: Any, class_prompts: Sequence[str] | Sequence[Sequence[str]]
+    ) -> torch.Tensor:
         """(K, embed_dim) class embeddings from one prompt or several templates per class.
 
         Several prompts of a class are embedded, averaged and re-normalized (prompt ensembling, as CLIP).
@@ -182,7 +184,8 @@ class Contrastive3D(PretrainedModel):
         "softmax" normalizes t * cos over the classes (probabilities sum to 1); "sigmoid" gives SigLIP's
         independent per-pair probabilities sigmoid(t * cos + b).
         """
-        logits = self.logit_scale.exp() * self.encode_image(images) @ self.encode_prompts(tokenizer, class_prompts).T
+        classes = self.encode_prompts(tokenizer, class_prompts)  # (K, E)
+        logits = self.logit_scale.exp() * self.encode_image(images) @ classes.T  # (B, K)
         if activation == "softmax":
             return logits.softmax(dim=-1)
         if activation == "sigmoid":
