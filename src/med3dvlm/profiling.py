@@ -44,7 +44,7 @@ def summarize(name: str, input_size: tuple[int, ...] | None = None, batch_size: 
     with torch.device("meta"):
         model = build_model(config).eval()
     params = sum(p.numel() for p in model.parameters())
-    if hasattr(model, "example_input"):  # models whose input is not a volume (projectors)
+    if hasattr(model, "example_input"):  # models whose input is not one volume (projectors, contrastive)
         example = model.example_input(batch_size)
         input_size = tuple(tuple(t.shape[1:]) for t in example)
     else:
@@ -52,7 +52,10 @@ def summarize(name: str, input_size: tuple[int, ...] | None = None, batch_size: 
         example = torch.empty(batch_size, getattr(config, "in_channels", 1), *input_size, device="meta")
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
-        outputs = model(example)
+        # a tuple holds several arguments (images, token ids); a list is one argument (encoder features)
+        outputs = model(*example) if isinstance(example, tuple) else model(example)
+    if isinstance(outputs, dict):  # contrastive models return named features and scalars
+        outputs = [v for v in outputs.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
     if isinstance(outputs, torch.Tensor):
         outputs = [outputs]
     shapes = [list(o.shape[1:]) for o in outputs]
