@@ -38,8 +38,10 @@ SECTIONS = ("model", "data", "loss", "train", "eval")
 class ClipModelSection:
     name: str = "clip_dcformer_small_minilm"  # a registered contrastive model (`med3dvlm info`)
     overrides: dict[str, Any] = field(default_factory=dict)  # ContrastiveConfig fields, e.g. vision_overrides
+    text_overrides: dict[str, Any] = field(default_factory=dict)  # merged into the text tower's HF config dict
     init_from: str | None = None  # a saved Contrastive3D folder to start from instead of `name`
     tokenizer: str | None = None  # tokenizer folder; default: the text weights' folder, else MiniLM's
+    text_lr_scale: float = 1.0  # the text tower's learning rate relative to train.lr (pretrained text: < 1)
 
 
 @dataclass
@@ -85,9 +87,26 @@ class ClipRecipe:
 class ContrastiveTask(nn.Module):
     """Model + loss: ``forward(batch)`` -> {"loss", "logit_scale", "logit_bias"} for the trainer."""
 
-    def __init__(self, model: nn.Module, loss: nn.Module) -> None:
+    def __init__(self, model: nn.Module, loss: nn.Module, text_lr_scale: float = 1.0) -> None:
         super().__init__()
-        self.model, self.loss = model, loss
+        self.model, self.loss, self.text_lr_scale = model, loss, text_lr_scale
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]] | None:
+        """The default decay/no-decay split, with the text tower's groups at `text_lr_scale` x lr."""
+        if self.text_lr_scale == 1.0:
+            return None
+        from .engine import default_param_groups
+
+        groups = []
+        for module, scale in ((self.model.text, self.text_lr_scale), (self, 1.0)):
+            for g in default_param_groups(module, weight_decay):
+                if module is self:  # everything that is not the text tower
+                    text_ids = {id(p) for p in self.model.text.parameters()}
+                    g["params"] = [p for p in g["params"] if id(p) not in text_ids]
+                g["lr_scale"] = scale
+                if g["params"]:
+                    groups.append(g)
+        return groups
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = self.model(batch["images"], batch["input_ids"], batch.get("attention_mask"))
@@ -132,12 +151,20 @@ def build_model(section: ClipModelSection) -> nn.Module:
     """The Contrastive3D to train: a saved folder (`init_from`) or a registered name with overrides."""
     from ..hub import from_pretrained
     from ..models.clip import Contrastive3D
-    from ..registry import create_model
+    from ..registry import create_model, get_config
 
     if section.init_from:
+        if section.text_overrides:
+            raise ValueError("model.text_overrides cannot change a saved model (model.init_from); drop one of them")
         model = from_pretrained(section.init_from, **section.overrides)
     else:
-        model = create_model(section.name, **section.overrides)
+        overrides = dict(section.overrides)
+        if section.text_overrides:
+            # Merged, not replaced: e.g. {num_hidden_layers: 2} keeps MiniLM's other settings, and
+            # from_pretrained then loads its first two layers.
+            base = overrides.get("text_config") or get_config(section.name).text_config  # type: ignore[attr-defined]
+            overrides["text_config"] = {**base, **section.text_overrides}
+        model = create_model(section.name, **overrides)
     if not isinstance(model, Contrastive3D):
         raise TypeError(f"model {section.init_from or section.name!r} is a {type(model).__name__}, not a Contrastive3D")
     return model.train()
@@ -188,7 +215,7 @@ def main(recipe: dict[str, Any], resume: bool | str | os.PathLike = False) -> di
     text_len = max_text_length(model)
     dataset = build_dataset(cfg.data, image_size, tokenizer, text_len, cfg.train.seed)  # type: ignore[arg-type]
     loss = model.loss_fn(**_loss_kwargs(cfg.loss, model.config.loss))
-    task = ContrastiveTask(model, loss)
+    task = ContrastiveTask(model, loss, cfg.model.text_lr_scale)
     logger.info(
         "stage 1: %s (%.1f M parameters), %d training pairs at %s, text <= %d tokens",
         cfg.model.init_from or cfg.model.name, model.num_parameters() / 1e6, len(dataset), "x".join(map(str, image_size)), text_len,

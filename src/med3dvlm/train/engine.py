@@ -292,7 +292,10 @@ class Trainer:
             groups = default_param_groups(self.task, c.weight_decay)
         if not any(g["params"] for g in groups):
             raise ValueError("the task has no trainable parameters")
-        return torch.optim.AdamW(list(groups), lr=c.lr, betas=tuple(c.betas), eps=c.eps, weight_decay=c.weight_decay)
+        # A group may carry "lr_scale" (e.g. a pretrained tower trained more gently): its lr is lr * scale,
+        # and the schedule multiplies every group's own initial lr.
+        groups = [{**{k: v for k, v in g.items() if k != "lr_scale"}, "lr": c.lr * g.get("lr_scale", 1.0)} for g in groups]
+        return torch.optim.AdamW(groups, lr=c.lr, betas=tuple(c.betas), eps=c.eps, weight_decay=c.weight_decay)
 
     def _scheduler(self, optimizer: torch.optim.Optimizer, total_steps: int):
         from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
