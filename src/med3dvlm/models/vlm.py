@@ -96,13 +96,18 @@ class Med3DVLM(PretrainedModel):
         self.llm = llm
         self.vision = build_model(get_config(config.vision, **config.vision_overrides))
         self.projector = build_model(projector_config_for(config, self.llm.config.hidden_size))
-        self.tokenizer = tokenizer
+        self.tokenizer: Any = None
         self.processor: VLMProcessor | None = None
         if tokenizer is not None:
-            config.image_token_id = add_image_token(tokenizer, config.image_token)
-            self._fit_embeddings(len(tokenizer))
-            self.processor = VLMProcessor(tokenizer, self.num_image_tokens, config.max_length, config.image_token)
+            self.set_tokenizer(tokenizer)
         config.llm_config = _llm_config_dict(self.llm)
+
+    def set_tokenizer(self, tokenizer: Any) -> None:
+        """Use `tokenizer`: add the image token (its embedding = the mean of the others) and build the processor."""
+        self.config.image_token_id = add_image_token(tokenizer, self.config.image_token)
+        self._fit_embeddings(len(tokenizer))
+        self.tokenizer = tokenizer
+        self.processor = VLMProcessor(tokenizer, self.num_image_tokens, self.config.max_length, self.config.image_token)
 
     # -- construction helpers ------------------------------------------------------------------
     def _fit_embeddings(self, vocab_size: int) -> None:
@@ -191,6 +196,12 @@ class Med3DVLM(PretrainedModel):
         generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id if self.tokenizer else None)
         return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
 
+    def merge_lora(self) -> "Med3DVLM":
+        """Fold the LoRA weights into the LLM (a plain HF model again); no-op without LoRA."""
+        if has_lora(self.llm):
+            self.llm = self.llm.merge_and_unload()
+        return self
+
     # -- saving and loading --------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         directory = Path(directory)
@@ -198,7 +209,14 @@ class Med3DVLM(PretrainedModel):
         self.config.llm_config = _llm_config_dict(self.llm)
         self.vision.save_pretrained(directory / "vision")
         self.projector.save_pretrained(directory / "projector")
-        self.llm.save_pretrained(directory / "llm")
+        if has_lora(self.llm):
+            # The base weights without the LoRA layers in llm/, the adapter alone in lora/.
+            base = self.llm.get_base_model()
+            clean = {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items() if "lora_" not in k}
+            base.save_pretrained(directory / "llm", state_dict=clean)
+            self.llm.save_pretrained(directory / "lora")
+        else:
+            self.llm.save_pretrained(directory / "llm")
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(directory / "llm")
         write_json_atomic(directory / CONFIG_NAME, self.config.to_dict())  # last: marks the directory complete
@@ -213,11 +231,19 @@ class Med3DVLM(PretrainedModel):
             if not (directory / part).is_dir():
                 raise FileNotFoundError(f"{directory / part}: missing; not a complete med3dvlm VLM directory")
         llm = AutoModelForCausalLM.from_pretrained(directory / "llm", dtype=dtype)
+        if (directory / "lora").is_dir():
+            from peft import PeftModel
+
+            llm = PeftModel.from_pretrained(llm, directory / "lora")
         tokenizer = AutoTokenizer.from_pretrained(directory / "llm")
         model = cls(config, llm=llm, tokenizer=tokenizer)
         model.vision = from_pretrained(directory / "vision")
         model.projector = from_pretrained(directory / "projector")
         return model.eval()
+
+
+def has_lora(llm: nn.Module) -> bool:
+    return hasattr(llm, "peft_config")
 
 
 def _pad_right(rows: list[torch.Tensor], pad_id: int) -> torch.Tensor:

@@ -1,0 +1,90 @@
+"""Stages 2 and 3 end to end on a tiny phantom dataset: freezing, LoRA, loss, save, merge."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import yaml
+
+import med3dvlm
+from med3dvlm.cli import main
+from med3dvlm.models.vlm import Med3DVLM, has_lora
+from med3dvlm.train.vlm import StageSection, VLMTask, set_trainable
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    from med3dvlm.data.phantom import write_phantom_dataset
+
+    out = tmp_path_factory.mktemp("phantom")
+    write_phantom_dataset(out, n=4, seed=0, size=(64, 64, 64), progress=False)
+    return out
+
+
+def _recipe(tmp_path, phantom, tokenizer_dir, stage, **model):
+    recipe = {
+        "model": {"name": "med3dvlm_test", "tokenizer": str(tokenizer_dir), **model},
+        "data": {"cap_json": str(phantom / "M3D_Cap.json"), "vqa_csv": str(phantom / "M3D-VQA" / "M3D_VQA_train.csv"),
+                 "yes_no_csv": str(phantom / "M3D-VQA" / "M3D_VQA_yn_train.csv") if stage == 3 else None,
+                 "limit": 6, "augment": False},
+        "stage": {"stage": stage},
+        "train": {"output_dir": str(tmp_path / f"stage{stage}"), "lr": 3e-3, "epochs": 3, "batch_size": 4,
+                  "save_every": 0, "log_every": 1, "log_with": None, "progress": False, "warmup_ratio": 0.0},
+    }
+    path = tmp_path / f"stage{stage}.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def test_freezing_per_stage(tiny_tokenizer):
+    model = Med3DVLM(med3dvlm.get_config("med3dvlm_test"), tokenizer=copy.deepcopy(tiny_tokenizer))
+    set_trainable(model, StageSection(stage=2))
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"projector"}
+    task = VLMTask(model).train()
+    assert not model.vision.training and model.projector.training  # the frozen encoder stays in eval mode
+
+    set_trainable(model, StageSection(stage=3))
+    assert has_lora(model.llm)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("lora_A" in n for n in names) and any(n.startswith("projector.") for n in names)
+    assert not any(n.startswith("vision.") or "embed_tokens" in n or "lm_head" in n for n in names)
+    lora_targets = set(model.llm.peft_config["default"].target_modules)
+    assert lora_targets == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+
+    original = Med3DVLM(med3dvlm.get_config("med3dvlm_test"), tokenizer=copy.deepcopy(tiny_tokenizer))
+    set_trainable(original, StageSection(stage=3, original_code=True))
+    names = [n for n, p in original.named_parameters() if p.requires_grad]
+    assert any(n.startswith("vision.") for n in names) and any("embed_tokens" in n for n in names)
+
+
+def test_stage2_then_stage3_then_merge(tmp_path, phantom, tiny_tokenizer):
+    tok_dir = tmp_path / "tokenizer"
+    tiny_tokenizer.save_pretrained(tok_dir)
+
+    assert main(["train", "vlm", "--config", str(_recipe(tmp_path, phantom, tok_dir, 2))]) == 0
+    stage2 = tmp_path / "stage2" / "model"
+    first_model = med3dvlm.from_pretrained(stage2)
+    assert isinstance(first_model, Med3DVLM) and not has_lora(first_model.llm)
+    history = [json.loads(line) for line in (tmp_path / "stage2" / "metrics.jsonl").read_text().splitlines()]
+    losses = [h["train/loss"] for h in history if "train/loss" in h]
+    assert losses[-1] < losses[0], losses
+
+    assert main(["train", "vlm", "--config", str(_recipe(tmp_path, phantom, tok_dir, 3, init_from=str(stage2)))]) == 0
+    stage3 = tmp_path / "stage3" / "model"
+    assert (stage3 / "lora" / "adapter_config.json").is_file()
+    tuned = med3dvlm.from_pretrained(stage3)
+    assert has_lora(tuned.llm)
+
+    assert main(["merge-lora", str(stage3), "--out", str(tmp_path / "merged")]) == 0
+    merged = med3dvlm.from_pretrained(tmp_path / "merged")
+    assert not has_lora(merged.llm) and not (tmp_path / "merged" / "lora").exists()
+    batch = tuned.processor.generation_batch(["Which organ is abnormal?"])
+    images = torch.rand(1, 1, 64, 64, 64)
+    with torch.no_grad():
+        a = tuned(images=images, **batch).logits
+        b = merged(images=images, **batch).logits
+    assert (a - b).abs().max() < 1e-4
