@@ -98,7 +98,8 @@ class ContrastiveTask(nn.Module):
         from .engine import default_param_groups
 
         groups = []
-        for module, scale in ((self.model.text, self.text_lr_scale), (self, 1.0)):
+        # The main group first: the logged "train/lr" is the first group's.
+        for module, scale in ((self, 1.0), (self.model.text, self.text_lr_scale)):
             for g in default_param_groups(module, weight_decay):
                 if module is self:  # everything that is not the text tower
                     text_ids = {id(p) for p in self.model.text.parameters()}

@@ -1,0 +1,116 @@
+"""`med3dvlm train clip` end to end on a tiny phantom dataset: checkpoints, saved model + vision encoder, eval, resume."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from med3dvlm.cli import main as cli
+from med3dvlm.hub import from_pretrained
+from med3dvlm.models.clip import Contrastive3D
+from med3dvlm.models.dcformer import DCFormer
+from med3dvlm.train import list_checkpoints
+from med3dvlm.train.clip import ClipRecipe, ContrastiveTask
+from med3dvlm.train.config import RecipeError, load_recipe
+
+sys.path.insert(0, str(Path(__file__).parent))
+from clip_helpers import tiny_phantom  # noqa: E402
+
+CONFIGS = Path(__file__).parents[1] / "configs"
+
+
+@pytest.fixture(scope="module")
+def cap_json(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_phantom(tmp_path_factory.mktemp("phantom"))
+
+
+def _recipe(tmp_path: Path, cap_json: Path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(
+        f"""
+model:
+  name: clip_dcformer_test
+  overrides: {{vision_overrides: {{input_size: [16, 32, 32]}}}}
+data: {{cap_json: {cap_json}, image_size: [16, 32, 32]}}
+train:
+  output_dir: {tmp_path / "run"}
+  lr: 1.0e-3
+  weight_decay: 0.1
+  max_steps: 4
+  batch_size: 4
+  save_every: 2
+  keep_last: 2
+  log_every: 1
+  progress: false
+eval: {{split: test, sizes: [100], batch_size: 4}}
+"""
+    )
+    return path
+
+
+def test_train_clip_cli_end_to_end(tmp_path: Path, cap_json: Path, capsys: pytest.CaptureFixture) -> None:
+    recipe = _recipe(tmp_path, cap_json)
+    assert cli(["train", "clip", "--config", str(recipe)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    run = tmp_path / "run"
+    assert summary["completed"] and summary["global_step"] == 4
+    assert [p.name for p in list_checkpoints(run)] == ["step-00000002", "step-00000004"]
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 4
+    assert any((run / "logs").rglob("events.out.tfevents.*"))  # TensorBoard
+
+    model = from_pretrained(run / "model")
+    vision = from_pretrained(run / "vision")
+    assert isinstance(model, Contrastive3D) and isinstance(vision, DCFormer)
+    for k, v in vision.state_dict().items():  # the encoder alone equals the trained model's encoder
+        torch.testing.assert_close(v, model.vision.state_dict()[k])
+    assert (run / "model" / "tokenizer.json").is_file()
+
+    result = json.loads((run / "eval" / "retrieval.json").read_text())["test"]
+    n = result["pairs"]
+    assert list(result["by_size"]) == [str(n)]  # fewer than 100 test pairs: all of them are used
+    assert (run / "eval" / "recall_at_k.png").stat().st_size > 0
+
+    # Resuming a finished run changes nothing and trains no further.
+    before = (run / "model" / "model.safetensors").read_bytes()
+    assert cli(["train", "clip", "--config", str(recipe), "--resume"]) == 0
+    assert json.loads(capsys.readouterr().out)["global_step"] == 4
+    assert (run / "model" / "model.safetensors").read_bytes() == before
+
+
+def test_overrides_reach_the_run_and_typos_fail(tmp_path: Path, cap_json: Path, capsys: pytest.CaptureFixture) -> None:
+    recipe = _recipe(tmp_path, cap_json)
+    code = cli(["train", "clip", "--config", str(recipe), "--set", "train.max_steps=1", "--set", "eval.split=null",
+                "--set", "data.limit=4", "-o", str(tmp_path / "other")])
+    assert code == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["global_step"] == 1 and "eval" not in summary and summary["output_dir"] == str(tmp_path / "other")
+    assert cli(["train", "clip", "--config", str(recipe), "--set", "train.learning_rate=1"]) == 1
+    assert "unknown key(s) learning_rate" in capsys.readouterr().err
+
+
+def test_shipped_recipes_parse() -> None:
+    paper = ClipRecipe.from_dict(load_recipe(CONFIGS / "clip_paper.yaml"))
+    assert (paper.train.lr, paper.train.weight_decay, paper.train.warmup_ratio) == (1e-4, 0.1, 0.03)
+    assert (paper.train.batch_size, paper.train.epochs, paper.train.mixed_precision) == (64, 100, "bf16")
+    assert paper.train.deepspeed == "configs/zero2.json" and (CONFIGS / "zero2.json").is_file()
+    json.loads((CONFIGS / "zero2.json").read_text())
+    cpu = ClipRecipe.from_dict(load_recipe(CONFIGS / "clip_cpu.yaml"))
+    assert cpu.train.mixed_precision == "no" and cpu.train.deepspeed is None
+    with pytest.raises(RecipeError, match="unknown key"):
+        ClipRecipe.from_dict({"modle": {}})
+
+
+def test_text_lr_scale_groups() -> None:
+    from med3dvlm.registry import create_model
+
+    model = create_model("clip_dcformer_test")
+    task = ContrastiveTask(model, model.loss_fn(), text_lr_scale=0.1)
+    groups = task.param_groups(0.1)
+    text_ids = {id(p) for p in model.text.parameters()}
+    scaled = [p for g in groups if g["lr_scale"] == 0.1 for p in g["params"]]
+    assert {id(p) for p in scaled} == text_ids
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
