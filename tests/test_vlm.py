@@ -22,8 +22,10 @@ def vlm(tiny_tokenizer):
 
 
 def test_paper_model_sizes_on_meta():
+    from med3dvlm.models.vlm import QWEN25_7B_INSTRUCT
+
     with torch.device("meta"):
-        model = med3dvlm.create_model("med3dvlm_qwen7b")
+        model = med3dvlm.create_model("med3dvlm_qwen7b", llm_config=QWEN25_7B_INSTRUCT)
     assert model.vision.num_parameters() == 18_244_800
     assert model.projector.num_parameters() == 47_221_248
     assert sum(p.numel() for p in model.llm.parameters()) == 7_615_616_512  # Qwen2.5-7B-Instruct

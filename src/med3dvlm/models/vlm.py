@@ -263,7 +263,7 @@ def _llm_config_dict(llm: nn.Module) -> dict[str, Any]:
 
 
 # Qwen2.5-7B-Instruct's architecture, so the paper's model can be built (e.g. on the meta device to check its
-# size) without downloading anything. Pass `llm_config=None` with `llm=...` to load real weights instead.
+# size) without downloading anything: create_model("med3dvlm_qwen7b", llm_config=QWEN25_7B_INSTRUCT).
 QWEN25_7B_INSTRUCT = {
     "model_type": "qwen2",
     "vocab_size": 152064,
@@ -312,9 +312,9 @@ TINY_LLAMA = {
 
 @register_model
 def med3dvlm_qwen7b() -> VLMConfig:
-    """The paper's model: DCFormer-small, 2xMLP-Mixer-H, Qwen2.5-7B-Instruct (architecture only)."""
-    return VLMConfig(vision="dcformer_small", projector="mixer2x_h", llm="Qwen/Qwen2.5-7B-Instruct",
-                     llm_config=dict(QWEN25_7B_INSTRUCT))
+    """The paper's model: DCFormer-small, 2xMLP-Mixer-H, Qwen2.5-7B-Instruct (loaded from `llm`, a hub id or a
+    local copy). `llm_config=QWEN25_7B_INSTRUCT` builds the architecture alone, e.g. on the meta device."""
+    return VLMConfig(vision="dcformer_small", projector="mixer2x_h", llm="Qwen/Qwen2.5-7B-Instruct")
 
 
 @register_model
