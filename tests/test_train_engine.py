@@ -132,3 +132,13 @@ def test_recipe_overrides_and_unknown_keys(tmp_path: Path) -> None:
         load_recipe(path, ["train.lr"])
     with pytest.raises(RecipeError, match="no such recipe file"):
         load_recipe(tmp_path / "missing.yaml")
+
+
+def test_trainers_with_different_settings_in_one_process(tmp_path: Path) -> None:
+    for i, (accum, precision) in enumerate([(2, "bf16"), (1, "no")]):
+        config = TrainConfig(output_dir=str(tmp_path / str(i)), max_steps=2, batch_size=8, grad_accum=accum,
+                             mixed_precision=precision, save_every=0, log_with=None, progress=False)
+        trainer = Trainer(toy.ToyTask(), toy.NoisyLine(), config)
+        assert trainer.accelerator.gradient_accumulation_steps == accum
+        assert trainer.accelerator.mixed_precision == precision
+        assert trainer.train().global_step == 2

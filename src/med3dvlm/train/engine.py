@@ -269,14 +269,20 @@ class Trainer:
 
     def _make_accelerator(self):
         from accelerate import Accelerator
-        from accelerate.utils import ProjectConfiguration
+        from accelerate.state import AcceleratorState
+        from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration
 
         c = self.config
         kwargs: dict[str, Any] = {}
         if c.deepspeed:
             kwargs["deepspeed_plugin"] = _deepspeed_plugin(c)
+        # Accelerate keeps process-wide singletons; a second trainer in the same process (stage 1 then
+        # stage 2, or a test suite) with another precision would otherwise be refused. The process group
+        # (PartialState) is kept.
+        if AcceleratorState._shared_state and AcceleratorState().mixed_precision != c.mixed_precision:
+            AcceleratorState._reset_state(reset_partial_state=False)
         return Accelerator(
-            gradient_accumulation_steps=c.grad_accum,
+            gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=c.grad_accum),
             mixed_precision=c.mixed_precision,
             log_with=c.log_with,
             project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
