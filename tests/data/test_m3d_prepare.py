@@ -193,3 +193,18 @@ def test_storage_round_trip_precision():
     assert np.abs(from_storage(to_storage(x, "uint8")) - x).max() <= 0.5 / 255 + 1e-7
     assert np.abs(from_storage(to_storage(x, "float16")) - x).max() < 1e-3
     assert torch.is_tensor(torch.from_numpy(from_storage(to_storage(x))))
+
+
+def test_worker_pool_survives_torch_threads_in_the_parent():
+    # Forked workers hung forever in the trilinear resize once the parent had used torch's thread pool.
+    from med3dvlm.data.prepare import process_pool
+
+    m3d_chain(np.random.default_rng(0).random((64, 128, 128), dtype=np.float32), (64, 96, 96))
+    pool = process_pool(2)
+    try:
+        futures = [pool.submit(m3d_chain, np.random.default_rng(i).random((48, 96, 96), dtype=np.float32), (64, 128, 128)) for i in range(2)]
+        assert all(f.result(timeout=120).shape == (64, 128, 128) for f in futures)
+    finally:
+        for proc in list(pool._processes.values()):  # never wait on a hung worker
+            proc.kill()
+        pool.shutdown(wait=False, cancel_futures=True)

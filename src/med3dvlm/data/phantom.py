@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .m3d import CAP_JSON, VQA_DIR, VQA_FILES, write_cap_json, write_vqa_csv
 from .phantom_text import report_text, vqa_rows, yes_no_rows
-from .prepare import NPY_DIR, m3d_chain, save_npy_atomic, to_storage
+from .prepare import NPY_DIR, m3d_chain, process_pool, save_npy_atomic, to_storage
 from .preprocess import WINDOW_PRESETS, apply_window
 from .splits import case_level_split
 
@@ -294,7 +293,7 @@ def write_phantom_dataset(
     bar = tqdm(total=n, desc="phantom cases", unit="case", disable=not progress)
     cases: list[dict[str, Any]] = []
     if workers > 1:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        with process_pool(workers) as pool:
             for case in pool.map(_build_case, jobs, chunksize=max(1, n // (4 * workers))):
                 cases.append(case)
                 bar.update(1)

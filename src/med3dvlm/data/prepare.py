@@ -135,6 +135,19 @@ def write_slice_folder(folder: str | os.PathLike, array01: np.ndarray) -> Path:
 # ------------------------------------------------------------------------------------ the command
 
 
+def _single_thread() -> None:
+    # Each worker is one of many processes; intra-op threads would only oversubscribe the CPUs.
+    torch.set_num_threads(1)
+
+
+def process_pool(workers: int) -> ProcessPoolExecutor:
+    """Worker processes started with "spawn": a forked child of a process that already ran torch ops
+    can hang forever in torch's thread pool (seen here with the trilinear resize)."""
+    import multiprocessing
+
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"), initializer=_single_thread)
+
+
 @dataclass
 class SeriesJob:
     source: str  # slice folder
@@ -261,7 +274,7 @@ def prepare_m3d_cap(
             stream: Iterator[SeriesResult] = (process_series(j, str(out_root), size, dtype, resume) for j in jobs)
             _collect(stream, results, log, bar)
         else:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
+            with process_pool(workers) as pool:
                 stream = pool.map(process_series, jobs, *zip(*[(str(out_root), size, dtype, resume)] * len(jobs)), chunksize=4)
                 _collect(stream, results, log, bar)
     bar.close()
