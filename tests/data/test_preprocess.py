@@ -163,3 +163,22 @@ def test_warns_when_window_spec_gets_normalized_or_8bit(kind, array):
 def test_warns_for_ct_window_on_mr():
     with pytest.warns(IntensityWarning, match="MR"):
         preprocess(Volume(np.linspace(-300, 900, 64).reshape(4, 4, 4), modality="MR"), PreprocessSpec.ct(size=(4, 4, 4)))
+
+
+def test_load_for_model_uses_the_config_spec(tmp_path, hu_volume):
+    import SimpleITK as sitk
+
+    from med3dvlm import get_config
+    from med3dvlm.cli import main
+    from med3dvlm.data import load_for_model
+
+    sitk.WriteImage(sitk.GetImageFromArray(hu_volume), str(tmp_path / "ct.nii.gz"))
+    config = get_config("dcformer_test").replace(preprocess=PreprocessSpec.ct("lung", size=(8, 16, 16)).to_dict())
+    image, report = load_for_model(tmp_path / "ct.nii.gz", config)
+    assert image.shape == (1, 8, 16, 16) and report.warnings == []
+    assert any("lung" in s for s in report.steps)
+    # Without a stored spec the model's input size and the M3D default apply (and HU input is warned about).
+    with pytest.warns(IntensityWarning):
+        image, _ = load_for_model(tmp_path / "ct.nii.gz", get_config("dcformer_test"))
+    assert image.shape == (1, *get_config("dcformer_test").input_size)
+    assert main(["data", "inspect", str(tmp_path / "ct.nii.gz"), "--model", "dcformer_test", "--window", "lung", "--json"]) == 0

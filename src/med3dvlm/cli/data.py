@@ -134,7 +134,7 @@ def prepare_m3d_cap(
     out: Path = typer.Option(..., "--out", help="Output folder (M3D_Cap_npy/, M3D_Cap.json, prepare_log.jsonl)."),
     size: tuple[int, int, int] = typer.Option((128, 256, 256), "--size", help="Volume size D H W."),
     dtype: str = typer.Option("uint8", "--dtype", help="Storage dtype: uint8 or float16."),
-    workers: int = typer.Option(0, "--workers", help="Worker processes; 0 = one per CPU."),
+    workers: int = typer.Option(0, "--workers", help="Worker processes; 0 = automatic (one per CPU for large jobs)."),
     resume: bool = typer.Option(True, "--resume/--no-resume", help="Skip series whose output is already complete."),
     split: str = typer.Option("case", "--split", help="'case' (no case in two splits) or 'paper' (needs --paper-json)."),
     paper_json: Optional[Path] = typer.Option(None, "--paper-json", help="The published M3D_Cap.json, for --split paper."),

@@ -16,6 +16,7 @@ from .preprocess import (
     IntensityWarning,
     PreprocessReport,
     PreprocessSpec,
+    load_for_model,
     preprocess,
     preprocess_with_report,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "Volume",
     "VolumeError",
     "list_series",
+    "load_for_model",
     "load_volume",
     "preprocess",
     "preprocess_with_report",

@@ -246,7 +246,7 @@ def prepare_m3d_cap(
     Args:
         src_root: folder holding `<collection>/<case>/<series>/<n>.png` and `<collection>/<case>/text.txt`.
         out_root: where `M3D_Cap_npy/...`, `M3D_Cap.json` and `prepare_log.jsonl` are written.
-        workers: processes; 0 means one per CPU.
+        workers: processes; 0 picks one per CPU when there are enough series to pay for starting them.
         split: "case" (a case-level split, no case in two splits) or "paper" (the published
             `paper_json` split, with its paths rewritten to the files written here).
     """
@@ -265,7 +265,9 @@ def prepare_m3d_cap(
     if not jobs:
         raise VolumeError(src_root, "no <collection>/<case>/<series>/ slice folders found")
     out_root.mkdir(parents=True, exist_ok=True)
-    workers = workers or os.cpu_count() or 1
+    if not workers:
+        # Spawned workers pay seconds of imports each; only worth it for enough series.
+        workers = max(1, min(os.cpu_count() or 1, len(jobs) // 32))
     size = tuple(int(s) for s in size)  # type: ignore[assignment]
     results: list[SeriesResult] = []
     bar = tqdm(total=len(jobs), desc="prepare M3D-Cap", unit="series", disable=not progress)

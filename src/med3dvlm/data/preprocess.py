@@ -287,3 +287,16 @@ def preprocess_with_report(volume: Volume, spec: PreprocessSpec) -> tuple[torch.
 def preprocess(volume: Volume, spec: PreprocessSpec | None = None) -> torch.Tensor:
     """`preprocess_with_report` without the report: a (1, D, H, W) float32 tensor in [0, 1]."""
     return preprocess_with_report(volume, spec or PreprocessSpec())[0]
+
+
+def load_for_model(
+    path: Any, config_or_spec: Any, series_uid: str | None = None
+) -> tuple[torch.Tensor, PreprocessReport]:
+    """Read a file or DICOM folder and preprocess it as a model expects: (1, D, H, W) and the report.
+
+    `config_or_spec` is a `PreprocessSpec` or a model config (its stored spec, else the M3D default).
+    """
+    from .readers import load_volume
+
+    spec = config_or_spec if isinstance(config_or_spec, PreprocessSpec) else PreprocessSpec.for_model(config_or_spec)
+    return preprocess_with_report(load_volume(path, series_uid=series_uid), spec)
