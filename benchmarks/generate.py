@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--random-llm", metavar="TOKENIZER_DIR", default=None,
+                        help="build the LLM from its architecture with random weights and this tokenizer (throughput "
+                             "does not depend on the weights; for machines without the embedded model)")
     args = parser.parse_args(argv)
 
     import med3dvlm
@@ -33,7 +36,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
-    model = med3dvlm.from_pretrained(args.model) if "/" in args.model else med3dvlm.create_model(args.model)
+    if args.random_llm:
+        from transformers import AutoTokenizer
+
+        from med3dvlm.models.vlm import KNOWN_LLM_CONFIGS
+
+        config = med3dvlm.get_config(args.model)
+        with torch.device(args.device):  # a 7B LLM is built straight on the GPU
+            model = med3dvlm.create_model(args.model, llm_config=dict(KNOWN_LLM_CONFIGS[config.llm]))
+        model.set_tokenizer(AutoTokenizer.from_pretrained(args.random_llm))
+    elif "/" in args.model:
+        model = med3dvlm.from_pretrained(args.model)
+    else:
+        model = med3dvlm.create_model(args.model)
     model = model.eval().to(args.device)
     model.llm.to(dtype)
     model.projector.to(dtype)
