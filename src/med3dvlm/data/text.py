@@ -1,4 +1,4 @@
-"""Report text helpers: sentence splitting, the training-time report truncation of the paper, caption prompts.
+"""Report text helpers: sentence splitting and the training-time report truncation of the paper.
 
 Truncation (reference-facts §2): the first sentence is always kept, then other sentences are added while
 the token budget allows. At training they are tried in random order (as the original does); at
@@ -13,20 +13,12 @@ from collections.abc import Callable
 
 import numpy as np
 
+from ..prompts import CAPTION_TEMPLATES
+
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9])")
 
-CAPTION_PROMPTS = (
-    "Can you provide a caption consists of findings for this medical image?",
-    "Describe the findings of the medical image you see.",
-    "Please caption this medical scan with findings.",
-    "What is the findings of this image?",
-    "Describe this medical scan with findings.",
-    "Please write a caption consists of findings for this image.",
-    "Can you summarize with findings the images presented?",
-    "Please caption this scan with findings.",
-    "Please provide a caption consists of findings for this medical image.",
-    "Can you provide a summary consists of findings of this radiograph?",
-)
+# Report-generation instructions: one list for training and inference, our own wording (prompts.py).
+CAPTION_PROMPTS = CAPTION_TEMPLATES
 
 
 def split_sentences(text: str) -> list[str]:
