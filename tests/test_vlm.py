@@ -144,3 +144,16 @@ def test_save_and_load_round_trip(vlm, tmp_path):
     images = torch.rand(1, 1, 64, 64, 64)
     with torch.no_grad():
         assert torch.allclose(vlm(images=images, **batch).logits, again(images=images, **batch).logits, atol=1e-6)
+
+
+def test_generate_text_and_streaming_agree(vlm):
+    images = torch.rand(2, 1, 64, 64, 64)
+    texts = vlm.generate_text(images, ["Which organ is abnormal?", None], max_new_tokens=10)
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+    streamed = "".join(vlm.stream_text(images[:1], "Which organ is abnormal?", max_new_tokens=10))
+    assert streamed.strip() == texts[0]
+    a = vlm.generate_text(images[:1], [None], max_new_tokens=10, do_sample=True, seed=3)
+    b = vlm.generate_text(images[:1], [None], max_new_tokens=10, do_sample=True, seed=3)
+    assert a == b  # sampling is reproducible with a seed
+    with pytest.raises(ValueError, match="2 volumes but 1 questions"):
+        vlm.generate_text(images, ["only one"])

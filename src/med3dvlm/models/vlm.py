@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -195,6 +196,51 @@ class Med3DVLM(PretrainedModel):
         embeds = self.embed_inputs(input_ids, images)
         generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id if self.tokenizer else None)
         return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
+
+    def generate_text(
+        self,
+        images: torch.Tensor,
+        questions: Sequence[str | None],
+        *,
+        max_new_tokens: int = 256,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float | None = None,
+        seed: int | None = None,
+        streamer: Any = None,
+    ) -> list[str]:
+        """Answers for a batch of (1, D, H, W) volumes; a None question asks for the report.
+
+        Greedy by default. The original evaluation sampled at temperature 1.0 (`do_sample=True`); `seed`
+        makes sampling reproducible.
+        """
+        if self.processor is None:
+            raise ValueError("the model has no tokenizer; load it with from_pretrained or call set_tokenizer")
+        if len(questions) != images.shape[0]:
+            raise ValueError(f"{images.shape[0]} volumes but {len(questions)} questions")
+        prompts = [q if q is not None else self.processor.caption_prompt() for q in questions]
+        batch = self.processor.generation_batch(prompts, caption=[q is None for q in questions])
+        device = self.llm.get_input_embeddings().weight.device
+        if seed is not None:
+            torch.manual_seed(seed)
+        sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {"temperature": None, "top_p": None, "top_k": None}
+        ids = self.generate(
+            images.to(device), batch["input_ids"].to(device), batch["attention_mask"].to(device),
+            max_new_tokens=max_new_tokens, do_sample=do_sample, streamer=streamer, **sampling,
+        )
+        return self.processor.decode(ids)
+
+    def stream_text(self, image: torch.Tensor, question: str | None = None, **kwargs: Any) -> Iterator[str]:
+        """Yield the answer for one (1, 1, D, H, W) volume piece by piece while it is generated."""
+        from threading import Thread
+
+        from transformers import TextIteratorStreamer
+
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        worker = Thread(target=self.generate_text, args=(image, [question]), kwargs={**kwargs, "streamer": streamer})
+        worker.start()
+        yield from streamer
+        worker.join()
 
     def merge_lora(self) -> "Med3DVLM":
         """Fold the LoRA weights into the LLM (a plain HF model again); no-op without LoRA."""
