@@ -1,0 +1,378 @@
+"""Inference on your own scans: a `Predictor` that loads a saved VLM once and answers for files.
+
+It reads NIfTI, DICOM (a series folder, a multi-frame file, or a zip of a series), NRRD, MHA and .npy
+through the data layer, applies the preprocessing stored with the model (`load_for_model`, the
+original demo applied none), generates a report or an answer, and returns everything needed to trust
+the result: the text, what preprocessing did, timings and the generation settings. The CLI (`med3dvlm
+predict`), the REST API (`med3dvlm serve`) and the web app (`med3dvlm app`) are thin layers over it.
+
+Optionally a contrastive model and a case index (see `med3dvlm.search`) give image/text embeddings and
+similar prior cases. Zipped uploads are extracted with limits on size, file count and names, so a
+hostile archive cannot write outside its temporary folder or fill the disk.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import stat
+import tempfile
+import threading
+import time
+import warnings
+import zipfile
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import torch
+
+from .data.preprocess import IntensityWarning, PreprocessSpec, preprocess_with_report
+from .data.readers import load_volume
+from .data.volume import Volume, VolumeError
+
+logger = logging.getLogger(__name__)
+
+# Upload types the services accept (one file each); a DICOM series travels as a zip of its slices.
+UPLOAD_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".npy", ".dcm", ".zip")
+MAX_ZIP_MEMBERS = 5000  # a CT series has a few hundred to ~2000 slices
+MAX_UNZIPPED_BYTES = 2 * 1024**3
+_CHUNK = 1 << 20
+
+
+def upload_suffix(name: str) -> str:
+    """The file type of an upload name (".nii.gz" counts as one suffix), lower case; "" when none."""
+    lower = name.lower()
+    if lower.endswith(".nii.gz"):
+        return ".nii.gz"
+    return PurePosixPath(lower).suffix
+
+
+# ------------------------------------------------------------------------------------------------ zip
+
+
+def extract_zip(
+    archive: str | os.PathLike,
+    dest: str | os.PathLike,
+    max_bytes: int = MAX_UNZIPPED_BYTES,
+    max_members: int = MAX_ZIP_MEMBERS,
+) -> Path:
+    """Extract a zip (e.g. a DICOM series) into `dest` safely; returns `dest`.
+
+    Refuses absolute paths, ".." components, symbolic links, more than `max_members` entries and more
+    than `max_bytes` in total; the size is counted while decompressing, since the sizes written in the
+    archive can lie (zip bombs).
+
+    Raises:
+        VolumeError: naming the archive and the reason.
+    """
+    archive, dest = Path(archive), Path(dest)
+    try:
+        zf = zipfile.ZipFile(archive)
+    except (zipfile.BadZipFile, OSError) as err:
+        raise VolumeError(archive, f"not a readable zip archive ({err})") from None
+    total = 0
+    with zf:
+        members = [m for m in zf.infolist() if not m.is_dir()]
+        if len(members) > max_members:
+            raise VolumeError(archive, f"holds {len(members)} files; at most {max_members} are accepted")
+        if not members:
+            raise VolumeError(archive, "the zip archive is empty")
+        for member in members:
+            parts = PurePosixPath(member.filename.replace("\\", "/")).parts
+            if member.filename.startswith(("/", "\\")) or ".." in parts or (parts and ":" in parts[0]):
+                raise VolumeError(archive, f"unsafe path in the archive ({member.filename!r}); refusing to extract")
+            if stat.S_ISLNK(member.external_attr >> 16):
+                raise VolumeError(archive, f"the archive holds a symbolic link ({member.filename!r}); refusing to extract")
+            target = dest.joinpath(*parts)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                with zf.open(member) as src, open(target, "wb") as out:
+                    while chunk := src.read(_CHUNK):
+                        total += len(chunk)
+                        if total > max_bytes:
+                            raise VolumeError(archive, f"unzips to more than {max_bytes / 1024**2:.0f} MB; refusing to extract")
+                        out.write(chunk)
+            except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, RuntimeError, OSError) as err:
+                raise VolumeError(archive, f"cannot extract {member.filename!r} ({err})") from None
+    return dest
+
+
+def _volume_in(folder: Path) -> Path:
+    """What to read in an extracted archive: its single volume file, else the folder as a DICOM series."""
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    volumes = [p for p in files if upload_suffix(p.name) in (".nii", ".nii.gz", ".nrrd", ".mha", ".npy")]
+    if len(volumes) == 1:
+        return volumes[0]
+    return folder
+
+
+@contextlib.contextmanager
+def readable_path(path: str | os.PathLike, max_bytes: int = MAX_UNZIPPED_BYTES) -> Iterator[Path]:
+    """`path` itself, or for a .zip the extracted series (in a temporary folder removed on exit)."""
+    path = Path(path)
+    if path.is_file() and upload_suffix(path.name) == ".zip":
+        with tempfile.TemporaryDirectory(prefix="med3dvlm-zip-") as tmp:
+            yield _volume_in(extract_zip(path, tmp, max_bytes=max_bytes))
+    else:
+        yield path
+
+
+# --------------------------------------------------------------------------------------------- results
+
+
+@dataclass
+class GenerationSettings:
+    """How text is generated. Greedy by default, so a result can be reproduced exactly."""
+
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float | None = None
+    seed: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class PreparedImage:
+    """A volume read and preprocessed for the model, kept so several questions need one read."""
+
+    source: str
+    tensor: torch.Tensor  # (1, D, H, W) float32 in [0, 1]
+    preprocessing: dict[str, Any]
+    volume: Volume | None = None  # the raw volume (for viewers); None when not kept
+    seconds: float = 0.0
+
+
+@dataclass
+class Prediction:
+    """One answer: the text plus everything needed to judge and reproduce it."""
+
+    source: str
+    task: str  # "report" or "vqa"
+    question: str | None
+    text: str
+    preprocessing: dict[str, Any]
+    generation: dict[str, Any]
+    timings: dict[str, float] = field(default_factory=dict)
+    model: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ------------------------------------------------------------------------------------------- predictor
+
+
+class Predictor:
+    """A loaded VLM (and optionally a case index) answering for scans on disk.
+
+    Args:
+        model: a `Med3DVLM` with its tokenizer.
+        model_name: shown in results (usually the model folder).
+        spec: the preprocessing; default, the one stored with the vision encoder.
+        settings: default generation settings; each call may override fields.
+        index: a loaded `med3dvlm.search.CaseIndex` for /embed and /search (its contrastive model embeds).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        model_name: str = "",
+        spec: PreprocessSpec | None = None,
+        settings: GenerationSettings | None = None,
+        index: Any = None,
+    ) -> None:
+        self.model = model.eval()
+        self.model_name = model_name
+        self.spec = spec or PreprocessSpec.for_model(model.vision.config)
+        self.settings = settings or GenerationSettings()
+        self.index = index
+        # Generation seeds torch's global RNG and the model is not re-entrant: one request at a time.
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_dir(
+        cls,
+        model_dir: str | os.PathLike,
+        index_dir: str | os.PathLike | None = None,
+        clip_dir: str | os.PathLike | None = None,
+        settings: GenerationSettings | None = None,
+        device: str | None = None,
+    ) -> Predictor:
+        """Load a saved VLM folder, and a case index (with its contrastive model, or `clip_dir`) if given."""
+        from .hub import from_pretrained
+        from .models.vlm import Med3DVLM
+
+        model_dir = Path(model_dir)
+        if not (model_dir / "config.json").is_file():
+            raise FileNotFoundError(f"{model_dir}: no config.json; not a saved med3dvlm model folder")
+        model = from_pretrained(model_dir)
+        if not isinstance(model, Med3DVLM):
+            raise TypeError(f"{model_dir}: holds a {type(model).__name__}, not a vision-language model (Med3DVLM)")
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model.to(device)
+        index = None
+        if index_dir is not None:
+            from .search import CaseIndex
+
+            index = CaseIndex(index_dir, device=device, model_dir=clip_dir)
+        return cls(model, model_name=model_dir.name, settings=settings, index=index)
+
+    @property
+    def has_index(self) -> bool:
+        return self.index is not None
+
+    def _settings(self, overrides: dict[str, Any]) -> GenerationSettings:
+        unknown = set(overrides) - set(GenerationSettings.__dataclass_fields__)
+        if unknown:
+            raise TypeError(f"unknown generation settings: {', '.join(sorted(unknown))}")
+        settings = replace(self.settings, **{k: v for k, v in overrides.items() if v is not None})
+        if settings.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {settings.max_new_tokens}")
+        return settings
+
+    # -- reading -------------------------------------------------------------------------------
+    def prepare(
+        self, path: str | os.PathLike, series_uid: str | None = None, keep_volume: bool = False, name: str | None = None
+    ) -> PreparedImage:
+        """Read a file, DICOM folder or zipped series and preprocess it as the model expects.
+
+        `name` replaces the path in the result and in error messages (e.g. the original name of an
+        upload stored under a temporary name).
+
+        Raises:
+            VolumeError: the input cannot be read; the message names it and says why.
+        """
+        start = time.perf_counter()
+        shown = name or str(path)
+        try:
+            with readable_path(path) as real, warnings.catch_warnings():
+                # Range mismatches are recorded in the report; the warning itself would only repeat it.
+                warnings.simplefilter("ignore", IntensityWarning)
+                volume = load_volume(real, series_uid=series_uid)
+                tensor, report = preprocess_with_report(volume, self.spec)
+        except VolumeError as err:
+            raise VolumeError(shown, err.reason) from None
+        preprocessing = report.to_dict()
+        preprocessing["spec"] = self.spec.to_dict()
+        if volume.source != shown:  # an upload's temporary name or an extracted zip's folder: show the input
+            preprocessing["input"]["source"] = shown
+            preprocessing["warnings"] = [w.replace(volume.source, shown) for w in preprocessing["warnings"]]
+        seconds = time.perf_counter() - start
+        # Shapes and timings only: file names can carry patient identifiers.
+        logger.info("read a volume of shape %s in %.2f s", list(volume.shape), seconds)
+        return PreparedImage(shown, tensor, preprocessing, volume if keep_volume else None, seconds)
+
+    # -- generation ----------------------------------------------------------------------------
+    def predict(
+        self,
+        image: str | os.PathLike | PreparedImage,
+        question: str | None = None,
+        series_uid: str | None = None,
+        **generation: Any,
+    ) -> Prediction:
+        """A report (question None) or an answer for one scan (a path or a `PreparedImage`)."""
+        return self.predict_many([image], [question], series_uid=series_uid, **generation)[0]
+
+    def predict_many(
+        self,
+        images: Sequence[str | os.PathLike | PreparedImage],
+        questions: Sequence[str | None],
+        batch_size: int = 1,
+        series_uid: str | None = None,
+        **generation: Any,
+    ) -> list[Prediction]:
+        """Answers for several scans, `batch_size` volumes per generate call."""
+        if len(images) != len(questions):
+            raise ValueError(f"{len(images)} images but {len(questions)} questions")
+        out: list[Prediction] = []
+        for start in range(0, len(images), max(1, batch_size)):
+            prepared = [
+                im if isinstance(im, PreparedImage) else self.prepare(im, series_uid)
+                for im in images[start : start + batch_size]
+            ]
+            out.extend(self._generate(prepared, list(questions[start : start + batch_size]), generation))
+        return out
+
+    def _generate(self, prepared: list[PreparedImage], questions: list[str | None], overrides: dict[str, Any]) -> list[Prediction]:
+        settings = self._settings(overrides)
+        device = self.model.llm.get_input_embeddings().weight.device
+        batch = torch.stack([p.tensor for p in prepared]).to(device)
+        start = time.perf_counter()
+        with self._lock, torch.inference_mode():
+            texts = self.model.generate_text(batch, questions, **settings.to_dict())
+        seconds = time.perf_counter() - start
+        logger.info("generated %d answer(s) in %.2f s", len(texts), seconds)
+        return [
+            Prediction(
+                source=p.source,
+                task="report" if q is None else "vqa",
+                question=q,
+                text=t.strip(),
+                preprocessing=p.preprocessing,
+                generation=settings.to_dict(),
+                timings={"read_s": round(p.seconds, 4), "generate_s": round(seconds / len(prepared), 4)},
+                model=self.model_name,
+            )
+            for p, q, t in zip(prepared, questions, texts)
+        ]
+
+    def stream(self, image: PreparedImage, question: str | None = None, **generation: Any) -> Iterator[str]:
+        """Yield the text piece by piece while it is generated (for the web app)."""
+        settings = self._settings(generation)
+        device = self.model.llm.get_input_embeddings().weight.device
+        with self._lock:
+            yield from self.model.stream_text(image.tensor.unsqueeze(0).to(device), question, **settings.to_dict())
+
+    # -- embeddings and search -----------------------------------------------------------------
+    def _require_index(self) -> Any:
+        if self.index is None:
+            raise LookupError("no case index is loaded; start with --index DIR (built by `med3dvlm index build`)")
+        return self.index
+
+    def embed_image(self, path: str | os.PathLike, name: str | None = None) -> list[float]:
+        """The contrastive image embedding (unit norm) of a scan."""
+        index = self._require_index()
+        try:
+            with readable_path(path) as real:
+                vector = index.embed_image(real)
+        except VolumeError as err:
+            raise VolumeError(name or str(path), err.reason) from None
+        return torch.nn.functional.normalize(vector.float(), dim=-1)[0].tolist()
+
+    def embed_text(self, text: str) -> list[float]:
+        """The contrastive text embedding (unit norm) of a report or description."""
+        vector = self._require_index().embed_text(text)
+        return torch.nn.functional.normalize(vector.float(), dim=-1)[0].tolist()
+
+    def search(
+        self,
+        path: str | os.PathLike | None = None,
+        text: str | None = None,
+        k: int = 5,
+        name: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """The `k` most similar indexed cases to a scan or a text, best first."""
+        index = self._require_index()
+        if (path is None) == (text is None):
+            raise ValueError("give exactly one of an image or a text to search with")
+        if path is not None:
+            embedding = torch.tensor([self.embed_image(path, name=name)])
+        else:
+            embedding = torch.tensor([self.embed_text(text or "")])
+        return [h.to_dict() for h in index.query(embedding, k=k)]
+
+    def describe(self) -> dict[str, Any]:
+        """What is loaded: model name, input size, preprocessing, default settings, index size."""
+        return {
+            "model": self.model_name,
+            "input_size": list(self.spec.size),
+            "preprocess": self.spec.to_dict(),
+            "generation": self.settings.to_dict(),
+            "index": {"items": len(self.index), "has_text": bool(self.index.meta.get("has_text"))} if self.index else None,
+        }

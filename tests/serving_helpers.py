@@ -1,0 +1,86 @@
+"""Helpers for the predict, REST API and web app tests: a tiny saved VLM and scans written on the fly."""
+
+from __future__ import annotations
+
+import copy
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def tiny_vlm_dir(root: Path, tokenizer: Any) -> Path:
+    """The random `med3dvlm_test` VLM (64^3 input) saved with the in-memory test tokenizer."""
+    import torch
+
+    import med3dvlm
+    from med3dvlm.models.vlm import Med3DVLM
+
+    torch.manual_seed(0)
+    model = Med3DVLM(med3dvlm.get_config("med3dvlm_test"), tokenizer=copy.deepcopy(tokenizer)).eval()
+    for p in model.projector.parameters():  # bigger image features, so the image visibly changes the text
+        p.data.mul_(3)
+    model.save_pretrained(root)
+    return root
+
+
+def hu_phantom(shape: tuple[int, int, int] = (20, 40, 36), seed: int = 0) -> np.ndarray:
+    """A small CT-like volume in HU: air, a water body, a bone rod and a seed-dependent lesion."""
+    rng = np.random.default_rng(seed)
+    d, h, w = shape
+    z, y, x = np.mgrid[0:d, 0:h, 0:w]
+    vol = np.full(shape, -1000.0, np.float32)
+    vol[(y - h / 2) ** 2 + (x - w / 2) ** 2 < (min(h, w) / 2.5) ** 2] = 40.0
+    vol[(y - h / 2) ** 2 + (x - w / 2) ** 2 < 4] = 900.0
+    cz, cy, cx = rng.integers(4, d - 4), rng.integers(10, h - 10), rng.integers(10, w - 10)
+    vol[(z - cz) ** 2 + (y - cy) ** 2 + (x - cx) ** 2 < 9] = -20.0 + 200 * seed
+    return vol + z.astype(np.float32)  # a slice ramp: any slice-order mistake changes the input
+
+
+def write_nifti(path: Path, hu: np.ndarray, spacing: tuple[float, float, float] = (2.5, 0.8, 0.8)) -> Path:
+    """`hu` (D, H, W) as a NIfTI file (nibabel wants (x, y, z))."""
+    import nibabel as nib
+
+    affine = np.diag([spacing[2], spacing[1], spacing[0], 1.0])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.ascontiguousarray(hu.transpose(2, 1, 0)).astype(np.int16), affine), str(path))
+    return path
+
+
+def write_dicom_series(folder: Path, hu: np.ndarray, patient_name: str = "DOE^JANE") -> Path:
+    """`hu` (D, H, W) as one CT slice per file, with patient fields so tests can check they never leak."""
+    import pydicom
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    series, study = generate_uid(), generate_uid()
+    for k in range(hu.shape[0]):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = FileDataset(str(folder / f"slice{k:03d}.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, meta.MediaStorageSOPInstanceUID
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.Modality = study, series, "CT"
+        ds.PatientName, ds.PatientID = patient_name, "PID-0042"
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [0.0, 0.0, 2.5 * k]
+        ds.PixelSpacing = [0.8, 0.8]
+        ds.Rows, ds.Columns = hu.shape[1:]
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated = ds.BitsStored = 16
+        ds.HighBit, ds.PixelRepresentation = 15, 1
+        ds.RescaleSlope, ds.RescaleIntercept = 1.0, -1024.0
+        ds.PixelData = np.round(hu[k] + 1024.0).astype(np.int16).tobytes()
+        ds.save_as(folder / f"slice{k:03d}.dcm", enforce_file_format=True)
+    return folder
+
+
+def zip_folder(folder: Path, archive: Path) -> Path:
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        for p in sorted(folder.rglob("*")):
+            if p.is_file():
+                zf.write(p, p.relative_to(folder.parent).as_posix())
+    return archive
