@@ -1,0 +1,383 @@
+"""Report-generation and VQA evaluation of a Med3DVLM model, with the paper's protocol and more.
+
+Xin et al., IEEE JBHI 2025 (https://ieeexplore.ieee.org/document/11145341); the original scripts are
+`src/eval/eval_caption.py` and `src/eval/eval_vqa.py` (reference-facts §6):
+
+- reports: the first 1000 items of `M3D_Cap.json["test"]`, one caption prompt per item (seeded), metrics per
+  sample then averaged (Table 2 layout); VQA: the whole `M3D_VQA_test.csv`, closed-ended accuracy per question
+  type (Table 3) and open-ended text metrics per question type (Table 4);
+- generation: the original *sampled* at temperature 1.0 (`GenerationSettings.paper()`); the default here is
+  greedy decoding, which is reproducible without a seed. Every result records the settings it came from.
+
+Beyond the paper: corpus BLEU-4, ROUGE-L, a strict closed-ended scorer, bootstrap 95% intervals, the mean over
+question types and over all questions. Outputs of one run, in its folder: `predictions.csv` (one row per
+sample, with its scores), `summary.json`, `tables.md` and per-question-type bar plots (`*_by_type.png`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from ..metrics.nlg import METRIC_LABELS, PAPER_METRICS, metric_settings, nlg_per_sample, sentence_bleu_stats, summarize
+from ..metrics.nlg import bootstrap_bleu4_ci, resolve_bertscore_model
+from ..metrics.vqa import QUESTION_TYPE_NAMES, closed_vqa_metrics, open_vqa_by_type
+
+logger = logging.getLogger(__name__)
+
+PAPER_REPORT_LIMIT = 1000  # the original evaluates the first 1000 test reports
+EXTRA_METRICS = ("bleu4_corpus", "rougeL")
+
+
+@dataclass
+class GenerationSettings:
+    """Decoding settings; `paper()` gives the original's sampling at temperature 1.0."""
+
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None  # None: whatever the LLM's generation_config says
+    seed: int = 42  # seeds torch before generating (matters only when sampling)
+    batch_size: int = 4
+
+    @classmethod
+    def paper(cls, **overrides: Any) -> "GenerationSettings":
+        """`generate(max_new_tokens=256, do_sample=True, top_p=None, temperature=1.0)` as the eval scripts ran it."""
+        return cls(**{"do_sample": True, "temperature": 1.0, "top_p": None, **overrides})
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample, "num_beams": 1}
+        if self.do_sample:
+            kwargs["temperature"] = self.temperature
+            # top_p=None in the original leaves the model's default; stated explicitly only when given
+            if self.top_p is not None:
+                kwargs["top_p"] = self.top_p
+            if self.top_k is not None:
+                kwargs["top_k"] = self.top_k
+        if self.repetition_penalty is not None:
+            kwargs["repetition_penalty"] = self.repetition_penalty
+        return kwargs
+
+
+def effective_generation_config(model: Any, settings: GenerationSettings) -> dict[str, Any]:
+    """The decoding values generate() will really use: the LLM's generation_config overridden by ours."""
+    config = getattr(getattr(model, "llm", None), "generation_config", None)
+    base = config.to_dict() if config is not None else {}
+    keys = ("do_sample", "temperature", "top_p", "top_k", "repetition_penalty", "num_beams", "eos_token_id", "max_new_tokens")
+    out = {k: base.get(k) for k in keys}
+    out.update(settings.generate_kwargs())
+    out["eos_token_id"] = _eos_ids(model)
+    if not out["do_sample"]:  # greedy ignores the sampling knobs
+        out.update(temperature=None, top_p=None, top_k=None)
+    return out
+
+
+def _eos_ids(model: Any) -> list[int]:
+    config = getattr(getattr(model, "llm", None), "generation_config", None)
+    eos = getattr(config, "eos_token_id", None) if config is not None else None
+    ids = [eos] if isinstance(eos, int) else list(eos or [])
+    tokenizer_eos = getattr(model.tokenizer, "eos_token_id", None)
+    if tokenizer_eos is not None and tokenizer_eos not in ids:
+        ids.append(tokenizer_eos)  # models built from a bare config have no generation eos
+    return ids
+
+
+def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {"image": torch.stack([it["image"] for it in items])}
+    for key in items[0]:
+        if key != "image":
+            out[key] = [it[key] for it in items]
+    return out
+
+
+@torch.no_grad()
+def generate_answers(
+    model: Any,
+    dataset: Dataset,
+    settings: GenerationSettings,
+    caption: bool = False,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """One row per item: its fields (question, answer, ...) without the image, plus "prediction".
+
+    Prompts are batched with left padding; the model returns only the new tokens, decoded without special
+    tokens and stripped (as the original).
+    """
+    from tqdm.auto import tqdm
+
+    if model.processor is None:
+        raise ValueError("the model has no tokenizer/processor; load a saved VLM folder")
+    model.eval()
+    device = next(model.parameters()).device
+    dtype = next(model.vision.parameters()).dtype
+    torch.manual_seed(settings.seed)
+    kwargs = {**settings.generate_kwargs(), "eos_token_id": _eos_ids(model)}
+    loader = DataLoader(dataset, batch_size=settings.batch_size, shuffle=False, num_workers=num_workers, collate_fn=_collate)
+    rows: list[dict[str, Any]] = []
+    for batch in tqdm(loader, desc="generate", unit="batch", disable=not progress):
+        enc = model.processor.generation_batch(batch["question"], caption=caption)
+        new = model.generate(
+            batch["image"].to(device=device, dtype=dtype), enc["input_ids"].to(device), enc["attention_mask"].to(device), **kwargs
+        )
+        for i, prediction in enumerate(model.processor.decode(new)):
+            rows.append({**{k: v[i] for k, v in batch.items() if k != "image"}, "prediction": prediction})
+    return rows
+
+
+def _limited(dataset: Dataset, limit: int | None) -> Dataset:
+    if limit is None or limit >= len(dataset):  # type: ignore[arg-type]
+        return dataset
+    return Subset(dataset, range(limit))
+
+
+def evaluate_reports(
+    model: Any,
+    cap_json: str | os.PathLike,
+    split: str = "test",
+    limit: int | None = PAPER_REPORT_LIMIT,
+    settings: GenerationSettings | None = None,
+    bertscore: bool = True,
+    bertscore_model: str | os.PathLike | None = None,
+    n_resamples: int = 1000,
+    root: str | os.PathLike | None = None,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Generate reports for the first `limit` items of a split and score them; returns (rows, summary)."""
+    from ..data.datasets import CaptionDataset
+
+    settings = settings or GenerationSettings()
+    if bertscore:
+        resolve_bertscore_model(bertscore_model)  # fail before generating, not after
+    size = tuple(model.vision.config.input_size)
+    dataset = CaptionDataset(cap_json, split=split, root=root, size=size, train=False, seed=settings.seed)  # type: ignore[arg-type]
+    if len(dataset) == 0:
+        raise ValueError(f"{cap_json}: split {split!r} is empty")
+    dataset = _limited(dataset, limit)
+    t0 = time.perf_counter()
+    rows = generate_answers(model, dataset, settings, caption=True, num_workers=num_workers, progress=progress)
+    gen_seconds = time.perf_counter() - t0
+    preds, refs = [r["prediction"] for r in rows], [r["answer"] for r in rows]
+    per = nlg_per_sample(preds, refs, bertscore=bertscore, bertscore_model=bertscore_model)
+    for name, values in per["scores"].items():
+        for row, value in zip(rows, values):
+            row[name] = value
+    summary = summarize(per["scores"], n_resamples)
+    summary["bleu4_corpus"] = bootstrap_bleu4_ci(sentence_bleu_stats(preds, refs), n_resamples)
+    return rows, {
+        "task": "report",
+        "data": {"cap_json": str(cap_json), "split": split, "limit": limit, "samples": len(rows)},
+        "metrics": summary,
+        "metric_settings": metric_settings(per, n_resamples, 0.95, 0),
+        "generation": asdict(settings),
+        "generation_effective": effective_generation_config(model, settings),
+        "generation_seconds": round(gen_seconds, 1),
+    }
+
+
+def evaluate_vqa(
+    model: Any,
+    vqa_csv: str | os.PathLike,
+    modes: Sequence[str] = ("closed", "open"),
+    limit: int | None = None,
+    settings: GenerationSettings | None = None,
+    bertscore: bool = True,
+    bertscore_model: str | os.PathLike | None = None,
+    n_resamples: int = 1000,
+    root: str | os.PathLike | None = None,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Closed- and/or open-ended VQA over a M3D-VQA CSV (its first `limit` rows); returns (rows, summary)."""
+    from ..data.datasets import VQADataset
+
+    settings = settings or GenerationSettings()
+    if bertscore:
+        resolve_bertscore_model(bertscore_model)  # fail before generating, not after
+    size = tuple(model.vision.config.input_size)
+    all_rows: list[dict[str, Any]] = []
+    summary: dict[str, Any] = {
+        "task": "vqa",
+        "data": {"vqa_csv": str(vqa_csv), "limit": limit},
+        "generation": asdict(settings),
+        "generation_effective": effective_generation_config(model, settings),
+    }
+    for mode in modes:
+        if mode not in ("open", "closed"):
+            raise ValueError(f"mode must be 'open' or 'closed', got {mode!r}")
+        dataset = _limited(VQADataset(vqa_csv, root=root, mode=mode, size=size, seed=settings.seed), limit)  # type: ignore[arg-type]
+        if len(dataset) == 0:  # type: ignore[arg-type]
+            raise ValueError(f"{vqa_csv}: no questions to evaluate")
+        t0 = time.perf_counter()
+        rows = generate_answers(model, dataset, settings, caption=False, num_workers=num_workers, progress=progress)
+        types = [int(r["question_type"]) for r in rows]
+        if mode == "closed":
+            result = closed_vqa_metrics(
+                [r["prediction"] for r in rows], [r["answer_choice"] for r in rows], types,
+                [r["choices"] for r in rows], n_resamples=n_resamples,
+            )
+            for key in ("loose", "strict", "chosen"):
+                for row, value in zip(rows, result["per_sample"][key]):
+                    row[f"correct_{key}" if key != "chosen" else "chosen_letter"] = value
+            summary["closed"] = {k: result[k] for k in ("loose", "strict")}
+        else:
+            per = nlg_per_sample([r["prediction"] for r in rows], [r["answer"] for r in rows], bertscore, bertscore_model)
+            for name, values in per["scores"].items():
+                for row, value in zip(rows, values):
+                    row[name] = value
+            summary["open"] = open_vqa_by_type(per["scores"], types, n_resamples=n_resamples)
+            summary["metric_settings"] = metric_settings(per, n_resamples, 0.95, 0)
+        summary.setdefault("samples", {})[mode] = len(rows)
+        summary.setdefault("generation_seconds", {})[mode] = round(time.perf_counter() - t0, 1)
+        for row in rows:
+            row["mode"] = mode
+        all_rows.extend(rows)
+    return all_rows, summary
+
+
+# -- tables and plots ----------------------------------------------------------------------------
+def _pct(stat: Mapping[str, float], ci: bool = True) -> str:
+    text = f"{100 * stat['mean']:.2f}"
+    return f"{text} [{100 * stat['ci_low']:.1f}, {100 * stat['ci_high']:.1f}]" if ci else text
+
+
+def report_table(summary: Mapping[str, Any], name: str = "model") -> str:
+    """Table 2 layout (BLEU, ROUGE, METEOR, BERTScore, %), then our additions, each with a 95% CI."""
+    m = summary["metrics"]
+    paper = [k for k in PAPER_METRICS if k in m]
+    extra = [k for k in EXTRA_METRICS if k in m]
+    lines = [
+        "| Method | " + " | ".join(METRIC_LABELS[k] for k in paper) + " |",
+        "|---|" + "---:|" * len(paper),
+        f"| {name} | " + " | ".join(_pct(m[k], ci=False) for k in paper) + " |",
+        "",
+        "With 95% bootstrap intervals, and metrics the paper lacks:",
+        "",
+        "| Method | " + " | ".join(METRIC_LABELS[k] for k in paper + extra) + " |",
+        "|---|" + "---:|" * len(paper + extra),
+        f"| {name} | " + " | ".join(_pct(m[k]) for k in paper + extra) + " |",
+    ]
+    return "\n".join(lines)
+
+
+def closed_vqa_table(closed: Mapping[str, Any], name: str = "model") -> str:
+    """Table 3 layout: accuracy (%) per question type, mean over types, then overall with its CI."""
+    types = sorted({int(t) for rule in closed.values() for t in rule["by_type"]})
+    head = [QUESTION_TYPE_NAMES.get(t, str(t)) for t in types]
+    lines = [
+        "| Method | scoring | " + " | ".join(head) + " | Mean | Overall [95% CI] |",
+        "|---|---|" + "---:|" * (len(head) + 2),
+    ]
+    for rule, label in (("loose", "original (substring)"), ("strict", "strict (chosen letter)")):
+        if rule not in closed:
+            continue
+        r = closed[rule]
+        cells = [_pct(r["by_type"][t], ci=False) if t in r["by_type"] else "-" for t in types]
+        lines.append(f"| {name} | {label} | " + " | ".join(cells) + f" | {100 * r['mean_over_types']:.2f} | {_pct(r['overall'])} |")
+    return "\n".join(lines)
+
+
+def open_vqa_table(open_: Mapping[str, Any], name: str = "model") -> str:
+    """Table 4 layout: one row per question type with BLEU, ROUGE, METEOR, BERTScore (%), then all questions."""
+    metrics = [k for k in PAPER_METRICS + EXTRA_METRICS if k in open_["overall"]]
+    lines = [
+        "| Method | Question type | " + " | ".join(METRIC_LABELS[k] for k in metrics) + " |",
+        "|---|---|" + "---:|" * len(metrics),
+    ]
+    for t, stats in open_["by_type"].items():
+        label = QUESTION_TYPE_NAMES.get(int(t), str(t))
+        lines.append(f"| {name} | {label} | " + " | ".join(_pct(stats[k], ci=False) for k in metrics) + " |")
+    lines.append(f"| {name} | all (95% CI) | " + " | ".join(_pct(open_["overall"][k]) for k in metrics) + " |")
+    return "\n".join(lines)
+
+
+def settings_block(summary: Mapping[str, Any]) -> str:
+    gen = summary.get("generation_effective", {})
+    text = ", ".join(f"{k}={v}" for k, v in gen.items())
+    extra = summary.get("metric_settings", {})
+    bert = extra.get("bertscore_model")
+    return f"Generation: {text}.  \nBERTScore model: {bert if bert else 'not computed'}."
+
+
+def plot_by_type(groups: Mapping[str, Mapping[Any, float]], path: str | os.PathLike, title: str, ylabel: str) -> Path:
+    """Grouped bars: one group per question type, one bar per series ({series: {type: value in [0, 1]}})."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    types = sorted({int(t) for series in groups.values() for t in series})
+    x = np.arange(len(types))
+    width = 0.8 / max(1, len(groups))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(types) + 2), 4))
+    for i, (label, series) in enumerate(groups.items()):
+        ax.bar(x + i * width - 0.4 + width / 2, [100 * series.get(t, float("nan")) for t in types], width, label=label)
+    ax.set_xticks(x, [QUESTION_TYPE_NAMES.get(t, str(t)) for t in types])
+    ax.set_ylabel(ylabel)
+    ax.set_ylim(0, 100)
+    ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_outputs(rows: Sequence[Mapping[str, Any]], summary: dict[str, Any], out_dir: str | os.PathLike, name: str = "model") -> dict[str, str]:
+    """Write predictions.csv, summary.json, tables.md and the per-type plots; returns their paths."""
+    import pandas as pd
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {"predictions": out / "predictions.csv", "summary": out / "summary.json", "tables": out / "tables.md"}
+    frame = pd.DataFrame([{k: (json.dumps(v) if isinstance(v, dict) else v) for k, v in r.items()} for r in rows])
+    frame.to_csv(paths["predictions"], index=False)
+    sections = [f"# {summary['task']} evaluation: {name}\n", settings_block(summary), ""]
+    if summary["task"] == "report":
+        sections += [f"## Report generation (Table 2 layout), {summary['data']['samples']} reports, %\n", report_table(summary, name), ""]
+    if "closed" in summary:
+        sections += [f"## Closed-ended VQA accuracy (Table 3 layout), {summary['samples']['closed']} questions, %\n",
+                     closed_vqa_table(summary["closed"], name), ""]
+        paths["closed_plot"] = plot_by_type(
+            {rule: {t: s["mean"] for t, s in summary["closed"][rule]["by_type"].items()} for rule in ("loose", "strict")},
+            out / "closed_vqa_by_type.png", "Closed-ended VQA accuracy", "accuracy (%)",
+        )
+    if "open" in summary:
+        sections += [f"## Open-ended VQA (Table 4 layout), {summary['samples']['open']} questions, %\n",
+                     open_vqa_table(summary["open"], name), ""]
+        metrics = [k for k in PAPER_METRICS if k in summary["open"]["overall"]]
+        paths["open_plot"] = plot_by_type(
+            {METRIC_LABELS[k]: {t: s[k]["mean"] for t, s in summary["open"]["by_type"].items()} for k in metrics},
+            out / "open_vqa_by_type.png", "Open-ended VQA", "score (%)",
+        )
+    paths["tables"].write_text("\n".join(sections))
+    summary = {**summary, "files": {k: str(v) for k, v in paths.items()}}
+    tmp = paths["summary"].with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    os.replace(tmp, paths["summary"])
+    return {k: str(v) for k, v in paths.items()}
+
+
+def load_model(model_dir: str | os.PathLike, device: str | None = None) -> Any:
+    """A saved VLM folder (ours, LoRA or merged) on `device` (default: cuda if available), in eval mode."""
+    from ..hub import from_pretrained
+
+    model = from_pretrained(model_dir)
+    if not hasattr(model, "generate") or getattr(model, "processor", None) is None:
+        raise TypeError(f"{model_dir}: holds a {type(model).__name__}, not a VLM with its tokenizer")
+    return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
