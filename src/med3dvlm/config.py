@@ -55,7 +55,9 @@ class ModelConfig:
             raise TypeError(
                 f"{type(self).__name__} has no field(s) {', '.join(unknown)}; fields are: {', '.join(sorted(names))}"
             )
-        return dataclasses.replace(self, **overrides)
+        # Values often come from YAML or JSON (lists); coerce them like from_dict so equal configs compare equal.
+        hints = typing.get_type_hints(type(self))
+        return dataclasses.replace(self, **{k: _from_json(v, hints.get(k)) for k, v in overrides.items()})
 
 
 def _to_json(value: Any) -> Any:
