@@ -50,7 +50,6 @@ def write_nifti(path: Path, hu: np.ndarray, spacing: tuple[float, float, float] 
 
 def write_dicom_series(folder: Path, hu: np.ndarray, patient_name: str = "DOE^JANE") -> Path:
     """`hu` (D, H, W) as one CT slice per file, with patient fields so tests can check they never leak."""
-    import pydicom
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 

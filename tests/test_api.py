@@ -23,7 +23,13 @@ from med3dvlm.search import CaseIndex, build_index  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from clip_helpers import tiny_model_dir  # noqa: E402
-from serving_helpers import hu_phantom, tiny_vlm_dir, write_dicom_series, write_nifti, zip_folder  # noqa: E402
+from serving_helpers import (  # noqa: E402
+    hu_phantom,
+    tiny_vlm_dir,
+    write_dicom_series,
+    write_nifti,
+    zip_folder,
+)
 
 TOKENS = {"max_new_tokens": "5"}
 
@@ -161,7 +167,6 @@ def test_other_4xx(client: TestClient, files: dict[str, Path], predictor: Predic
 def test_schemathesis_fuzz(predictor: Predictor, mode: str) -> None:
     """Schema-generated requests (valid, then invalid) never cause a 5xx; responses match the documented schema."""
     from hypothesis import given
-
     from schemathesis import GenerationMode
 
     app = create_app(predictor, max_upload_mb=1, max_new_tokens_limit=4)
@@ -180,3 +185,28 @@ def test_schemathesis_fuzz(predictor: Predictor, mode: str) -> None:
             case.call_and_validate(excluded_checks=[schemathesis.checks.positive_data_acceptance])
 
         check()
+
+
+def test_app_lists_similar_cases(predictor: Predictor, files: dict[str, Path]) -> None:
+    """The web app's similar-case panel (its event handlers called directly; the browser test covers the page)."""
+    gr = pytest.importorskip("gradio")
+    from med3dvlm.app import create_demo
+
+    demo = create_demo(predictor)
+    assert "Find similar cases" in {b.value for b in demo.blocks.values() if isinstance(b, gr.Button)}
+    handlers = {f.fn.__name__: f.fn for f in demo.fns.values()}
+    loaded = handlers["load"](str(files["query"]))[0]
+    assert not loaded.is_hu  # prepared [0, 1] data: plain display, no HU presets
+    rows = handlers["similar"](loaded)
+    assert [r[0] for r in rows] == [1, 2, 3, 4] and rows[0][2] == "case2" and rows[0][1] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_app_display_windows() -> None:
+    pytest.importorskip("gradio")
+    from med3dvlm.app import AUTO, to_uint8
+
+    hu = np.array([[-1000.0, -600.0, 40.0, 1000.0]])
+    assert to_uint8(hu, "lung", True).tolist() == [[59, 127, 236, 255]]  # [-1350, 150] HU
+    assert to_uint8(hu, "soft_tissue", True).tolist() == [[0, 0, 127, 255]]
+    assert to_uint8(hu, "lung", False).tolist() == to_uint8(hu, AUTO, True).tolist()  # not HU: min-max
+    assert to_uint8(np.full((3, 3), 7.0), AUTO, True).max() == 0  # constant slice: black, no division by zero

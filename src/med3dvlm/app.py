@@ -26,7 +26,7 @@ import numpy as np  # noqa: E402
 
 from .data.preprocess import WINDOW_PRESETS, describe_range  # noqa: E402
 from .data.volume import VolumeError, reorient  # noqa: E402
-from .inference import UPLOAD_SUFFIXES, PreparedImage, Predictor  # noqa: E402
+from .inference import UPLOAD_SUFFIXES, Predictor, PreparedImage  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def create_demo(predictor: Predictor, examples: Sequence[str | os.PathLike] = ()
     def load(path: str | None) -> tuple:
         empty_slider = gr.Slider(minimum=0, maximum=1, value=0, interactive=False)
         if not path:
-            return (None, None, None, None, empty_slider, empty_slider, empty_slider, "", "", [], None)
+            return (None, None, None, None, empty_slider, empty_slider, empty_slider, "", "", [], gr.update())
         name = Path(path).name
         try:
             prepared = predictor.prepare(path, keep_volume=True, name=name)
@@ -121,7 +121,7 @@ def create_demo(predictor: Predictor, examples: Sequence[str | os.PathLike] = ()
         sliders = [gr.Slider(minimum=0, maximum=n - 1, value=n // 2, step=1, interactive=True) for n in (sizes[0], sizes[1], sizes[2])]
         window = "soft_tissue" if loaded.is_hu else AUTO
         images = [slice_image(loaded, plane, n // 2, window) for plane, n in zip(PLANES, (sizes[0], sizes[1], sizes[2]))]
-        return (loaded, *images, *sliders, _summary(loaded), "", [], gr.Dropdown(value=window, interactive=loaded.is_hu))
+        return (loaded, *images, *sliders, _summary(loaded), "", [], gr.update(value=window, interactive=loaded.is_hu))
 
     def render(loaded: Loaded | None, window: str, a: int, c: int, s: int) -> tuple:
         if loaded is None:
@@ -228,6 +228,7 @@ def launch(
     demo = create_demo(predictor, example_scans(examples))
     # System fonts: the default theme would fetch Google Fonts, which an offline hospital network blocks.
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own start-up probes of the local server
     demo.queue(default_concurrency_limit=1)  # one generation at a time: the model is not re-entrant
     demo.launch(
         server_name=host,
@@ -238,6 +239,7 @@ def launch(
         show_error=True,
         theme=theme,
         footer_links=[],
-        quiet=True,
+        quiet=True,  # gradio's banner suggests share=True, which is exactly what this app avoids
     )
+    logger.info("med3dvlm app running on http://%s:%d/", "[" + host + "]" if ":" in host else host, demo.server_port)
     return demo

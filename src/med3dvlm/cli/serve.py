@@ -68,4 +68,5 @@ def web_app(
 
     predictor = _load(model, index, max_new_tokens, device)
     _warn_if_public(host)
+    typer.echo(f"starting the web app on http://{host}:{port}/ (Ctrl+C to stop)", err=True)
     launch(predictor, host=host, port=port, max_upload_mb=max_upload_mb, examples=examples)
