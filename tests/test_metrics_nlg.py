@@ -176,3 +176,15 @@ def test_nlg_metrics_strips_and_reports_settings():
     assert out["settings"]["bertscore_model"] is None
     with pytest.raises(ValueError, match="2 predictions but 1 references"):
         nlg.nlg_metrics(["a", "b"], ["a"], bertscore=False)
+
+
+def test_bertscore_of_an_empty_prediction_is_zero():
+    pytest.importorskip("bert_score")
+    from med3dvlm.models.text import minilm_dir
+
+    try:
+        model = minilm_dir()
+    except FileNotFoundError:
+        pytest.skip("all-MiniLM-L6-v2 wheel not installed")
+    got = nlg.bertscore_f1(["", PREDS[0]], [REFS[0], REFS[0]], model=model)
+    assert got["f1"][0] == 0.0 and got["f1"][1] > 0.5

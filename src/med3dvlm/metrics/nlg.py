@@ -318,8 +318,17 @@ def bertscore_f1(
     model_type, layers = resolve_bertscore_model(model)
     if not predictions:
         return {"f1": [], "model": model_type, "num_layers": layers}
-    _, _, f1 = _scorer(model_type, layers, device, batch_size).score(list(predictions), list(references))
-    return {"f1": [float(x) for x in f1.tolist()], "model": model_type, "num_layers": layers}
+    # An empty text has no tokens to match: F1 0. (bert-score would embed [CLS][SEP] alone through a
+    # tokenizer method that transformers 5 no longer has, and fail.)
+    keep = [i for i, (p, r) in enumerate(zip(predictions, references)) if p.strip() and r.strip()]
+    scores = [0.0] * len(predictions)
+    if keep:
+        _, _, f1 = _scorer(model_type, layers, device, batch_size).score(
+            [predictions[i] for i in keep], [references[i] for i in keep]
+        )
+        for i, value in zip(keep, f1.tolist()):
+            scores[i] = float(value)
+    return {"f1": scores, "model": model_type, "num_layers": layers}
 
 
 # -- aggregation ---------------------------------------------------------------------------------
