@@ -18,7 +18,7 @@ app = typer.Typer(
 
 def _register() -> None:
     # Each module adds its own commands; keep imports light so `med3dvlm --help` stays fast.
-    from . import convert, data, eval, eval_generation, info, predict, search, serve, train, vlm  # noqa: F401
+    from . import convert, data, eval, eval_generation, info, predict, quickstart, search, serve, train, vlm  # noqa: F401
 
 
 @app.callback()
