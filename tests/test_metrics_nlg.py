@@ -112,7 +112,7 @@ def test_meteor_uses_wordnet_and_equals_nltk():
         def synsets(word):
             return []
 
-    assert single_meteor_score("the auto is red".split(), "the car is red".split(), wordnet=NoWordNet()) == pytest.approx(0.6389, abs=1e-4)
+    assert single_meteor_score(["the", "auto", "is", "red"], ["the", "car", "is", "red"], wordnet=NoWordNet()) == pytest.approx(0.6389, abs=1e-4)
     from nltk.corpus import wordnet
 
     got = nlg.meteor_scores(PREDS, REFS)

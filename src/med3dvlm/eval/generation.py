@@ -28,8 +28,16 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..metrics.nlg import METRIC_LABELS, PAPER_METRICS, metric_settings, nlg_per_sample, sentence_bleu_stats, summarize
-from ..metrics.nlg import bootstrap_bleu4_ci, resolve_bertscore_model
+from ..metrics.nlg import (
+    METRIC_LABELS,
+    PAPER_METRICS,
+    bootstrap_bleu4_ci,
+    metric_settings,
+    nlg_per_sample,
+    resolve_bertscore_model,
+    sentence_bleu_stats,
+    summarize,
+)
 from ..metrics.vqa import QUESTION_TYPE_NAMES, closed_vqa_metrics, open_vqa_by_type
 
 logger = logging.getLogger(__name__)
@@ -52,7 +60,7 @@ class GenerationSettings:
     batch_size: int = 4
 
     @classmethod
-    def paper(cls, **overrides: Any) -> "GenerationSettings":
+    def paper(cls, **overrides: Any) -> GenerationSettings:
         """`generate(max_new_tokens=256, do_sample=True, top_p=None, temperature=1.0)` as the eval scripts ran it."""
         return cls(**{"do_sample": True, "temperature": 1.0, "top_p": None, **overrides})
 
