@@ -50,12 +50,15 @@ class FusedDecompConv3d(nn.Module):
         self.bias = nn.Parameter(bias.clone(), requires_grad=False)
         self.stride = source.conv_d.stride
         self.groups = source.conv_d.groups
+        self.output_channels_last = False  # set where the kernels cannot be channels_last themselves
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pd, ph, pw = self.paddings
         out = F.conv3d(x, self.weight_d, self.bias, self.stride, pd, 1, self.groups)
         out += F.conv3d(x, self.weight_h, None, self.stride, ph, 1, self.groups)
         out += F.conv3d(x, self.weight_w, None, self.stride, pw, 1, self.groups)
+        if self.output_channels_last:  # convert once here rather than in each of the next three convs
+            out = out.contiguous(memory_format=torch.channels_last_3d)
         return out
 
 
@@ -111,6 +114,7 @@ def _kernels_to_channels_last(module: nn.Module) -> None:
             # channels_last gives its kernel degenerate strides, on which oneDNN crashes for batches > 1.
             # Depthwise kernels must be channels_last, or oneDNN falls back to a path ~40x slower.
             if m.groups == 1 and m.weight_d.shape[1] == 1:
+                m.output_channels_last = True
                 continue
             for p in (m.weight_d, m.weight_h, m.weight_w):
                 p.data = p.data.contiguous(memory_format=torch.channels_last_3d)
