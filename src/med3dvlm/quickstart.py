@@ -67,11 +67,11 @@ def vlm_recipe(data: Path, out: Path, stage: int, start: Path, limit: int) -> di
 
 def run_quickstart(
     out: str | Path = "runs/quickstart",
-    cases: int = 160,
+    cases: int = 240,
     seed: int = 0,
-    clip_epochs: int = 8,
-    vlm_limit: int = 80,
-    eval_limit: int = 24,
+    clip_epochs: int = 10,
+    vlm_limit: int = 120,
+    eval_limit: int = 32,
 ) -> Path:
     """Run every step (skipping finished ones) and return the path of `results.md`."""
     from .data.phantom import write_phantom_dataset

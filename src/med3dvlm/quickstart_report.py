@@ -81,20 +81,24 @@ def slice_images(out: Path, n: int = 3) -> list[tuple[Path, str]]:
 def example_predictions(out: Path, n: int = 4) -> str:
     import pandas as pd
 
+    def cell(value: object) -> str:
+        text = "" if pd.isna(value) else str(value)
+        return text.replace("|", "/").strip() or "_(empty)_"
+
     parts = []
     report = out / "eval" / "report" / "predictions.csv"
     if report.is_file():
-        frame = pd.read_csv(report).head(n)
+        frame = pd.read_csv(report, keep_default_na=False).head(n)
         parts.append("| reference report | generated report |\n|---|---|")
-        parts += [f"| {r.answer} | {r.prediction} |" for r in frame.itertuples()]
+        parts += [f"| {cell(r.answer)} | {cell(r.prediction)} |" for r in frame.itertuples()]
     vqa = out / "eval" / "vqa" / "predictions.csv"
     if vqa.is_file():
-        frame = pd.read_csv(vqa)
+        frame = pd.read_csv(vqa, keep_default_na=False)
         for mode in ("closed", "open"):
             rows = frame[frame["mode"] == mode].head(n)
             if len(rows):
                 parts.append(f"\n{mode}-ended VQA:\n\n| question | answer | model |\n|---|---|---|")
-                parts += [f"| {r.question} | {r.answer} | {r.prediction} |" for r in rows.itertuples()]
+                parts += [f"| {cell(r.question)} | {cell(r.answer)} | {cell(r.prediction)} |" for r in rows.itertuples()]
     return "\n".join(parts) if parts else "_no predictions_"
 
 

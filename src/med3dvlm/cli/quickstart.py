@@ -13,7 +13,7 @@ from . import app
 @app.command()
 def quickstart(
     out: Path = typer.Option(Path("runs/quickstart"), "--out", "-o", help="Folder for everything it writes."),
-    cases: int = typer.Option(160, help="Phantom cases to generate."),
+    cases: int = typer.Option(240, help="Phantom cases to generate."),
     seed: int = typer.Option(0, help="Seed of the phantom dataset."),
 ) -> None:
     """Generate phantom CT data, run the three training stages with small models on the embedded LLM and text
