@@ -45,6 +45,7 @@ class VLMConfig(ModelConfig):
     projector_overrides: dict[str, Any] = field(default_factory=dict)
     llm: str = DEFAULT_LLM  # LLM to load pretrained weights from (directory or hub id)
     llm_config: dict[str, Any] | None = None  # the LLM's HF config; when set, the LLM is built from it
+    llm_layers: int | None = None  # keep only the first K decoder layers of the pretrained `llm` (fast CPU runs)
     image_token: str = IMAGE_TOKEN
     image_token_id: int | None = None
     splice: str = "token"  # one of SPLICE_MODES
@@ -94,6 +95,8 @@ class Med3DVLM(PretrainedModel):
             else:
                 llm, loaded_tokenizer = load_llm(config.llm)
                 tokenizer = tokenizer or loaded_tokenizer
+                if config.llm_layers is not None:
+                    truncate_decoder(llm, config.llm_layers)
         self.llm = llm
         self.vision = build_model(get_config(config.vision, **config.vision_overrides))
         self.projector = build_model(projector_config_for(config, self.llm.config.hidden_size))
@@ -195,6 +198,11 @@ class Med3DVLM(PretrainedModel):
             return _pad_right(outs, generate_kwargs.get("pad_token_id", self.tokenizer.pad_token_id))
         embeds = self.embed_inputs(input_ids, images)
         generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id if self.tokenizer else None)
+        if generate_kwargs.get("eos_token_id") is None and self.tokenizer is not None:
+            # Training ends every answer with the tokenizer's eos; an LLM built from a bare config may name another.
+            configured = getattr(self.llm.generation_config, "eos_token_id", None)
+            ids = [configured] if isinstance(configured, int) else list(configured or [])
+            generate_kwargs["eos_token_id"] = ids + [t for t in [self.tokenizer.eos_token_id] if t is not None and t not in ids]
         return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
 
     def generate_text(
@@ -288,6 +296,22 @@ class Med3DVLM(PretrainedModel):
         return model.eval()
 
 
+def truncate_decoder(llm: nn.Module, layers: int) -> nn.Module:
+    """Keep the first `layers` decoder layers of a Hugging Face causal LM, in place (its config follows).
+
+    Like training the first layers of a pretrained text tower: a shallower LLM for runs on a CPU. The saved
+    config then says `num_hidden_layers=layers`, so the folder reloads as the truncated model.
+    """
+    blocks = llm.model.layers
+    if not 1 <= layers <= len(blocks):
+        raise ValueError(f"llm_layers must be between 1 and {len(blocks)}, got {layers}")
+    llm.model.layers = blocks[:layers]
+    llm.config.num_hidden_layers = layers
+    if getattr(llm.config, "layer_types", None):
+        llm.config.layer_types = llm.config.layer_types[:layers]
+    return llm
+
+
 def has_lora(llm: nn.Module) -> bool:
     return hasattr(llm, "peft_config")
 
@@ -353,6 +377,9 @@ TINY_LLAMA = {
     "num_key_value_heads": 2,
     "max_position_embeddings": 512,
     "tie_word_embeddings": True,
+    # HF's default 0.02 leaves the tied output embeddings so short that logits stay within ~1 of each other:
+    # with LoRA (which cannot rescale them) the loss then cannot fall below ~5 nats and nothing is learned.
+    "initializer_range": 0.2,
 }
 
 

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .config import section_from_dict, to_plain
-from .engine import TrainConfig, Trainer
+from .engine import TrainConfig, Trainer, sample_indices, seed_everything
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class ClipDataSection:
     image_size: tuple[int, int, int] | None = None  # (D, H, W); default: the model's input_size
     augment: bool = True  # the paper's MONAI augmentations and random report truncation
     on_error: str = "raise"  # or "skip" unreadable items (logged and counted)
-    limit: int | None = None  # only the first N items (smoke runs)
+    limit: int | None = None  # a seeded random sample of N items (smoke runs)
 
 
 @dataclass
@@ -65,6 +65,7 @@ class ClipLossSection:
 @dataclass
 class ClipEvalSection:
     split: str | None = "test"  # retrieval evaluation after training; null to skip
+    cap_json: str | None = None  # the M3D_Cap.json to evaluate on; default: data.cap_json
     sizes: tuple[int, ...] = (100, 500, 1000, 2000)
     batch_size: int = 8
 
@@ -203,13 +204,14 @@ def build_dataset(section: ClipDataSection, image_size: tuple[int, int, int], to
         on_error=section.on_error,
     )
     if section.limit is not None:
-        dataset = Subset(dataset, range(min(section.limit, len(dataset))))
+        dataset = Subset(dataset, sample_indices(len(dataset), section.limit, seed))
     return dataset
 
 
 def main(recipe: dict[str, Any], resume: bool | str | os.PathLike = False) -> dict[str, Any]:
     """Run stage 1 from a recipe dict (see `load_recipe`); returns a summary (paths, steps, metrics)."""
     cfg = ClipRecipe.from_dict(recipe)
+    seed_everything(cfg.train.seed)  # before anything random is built: weights, projections, data order
     model = build_model(cfg.model)
     tokenizer = load_model_tokenizer(cfg.model, model)
     image_size = tuple(cfg.data.image_size or model.config.input_size)
@@ -261,7 +263,7 @@ def _evaluate(cfg: ClipRecipe, model: nn.Module, tokenizer: Any, image_size: tup
     from ..eval.retrieval import evaluate_retrieval, write_retrieval_report
 
     result = evaluate_retrieval(
-        model, tokenizer, cfg.data.cap_json, split=cfg.eval.split or "test", sizes=cfg.eval.sizes, root=cfg.data.root,
+        model, tokenizer, cfg.eval.cap_json or cfg.data.cap_json, split=cfg.eval.split or "test", sizes=cfg.eval.sizes, root=cfg.data.root,
         image_size=image_size, batch_size=cfg.eval.batch_size,  # type: ignore[arg-type]
     )
     write_retrieval_report({cfg.eval.split or "test": result}, out)

@@ -74,6 +74,7 @@ class TrainConfig:
     deepspeed: str | None = None  # path to a DeepSpeed JSON (ZeRO-2: configs/zero2.json); needs `deepspeed`
     log_with: str | None = "tensorboard"  # an Accelerate tracker name, or None
     progress: bool = True  # tqdm bar on the main process
+    progress_desc: str = "train"  # the bar's label
 
     def __post_init__(self) -> None:
         if self.mixed_precision not in ("no", "bf16", "fp16"):
@@ -165,6 +166,21 @@ class EpochSeededDataset(Dataset):
         if name in ("dataset", "seed", "epoch"):
             raise AttributeError(name)
         return getattr(self.dataset, name)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (every device). Stages call it first, before any model or data is built."""
+    from accelerate.utils import set_seed
+
+    set_seed(seed)
+
+
+def sample_indices(n: int, limit: int, seed: int) -> list[int]:
+    """`limit` of the indices 0..n-1 drawn without replacement by (seed), in ascending order (all when limit >= n)."""
+    if limit >= n:
+        return list(range(n))
+    g = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(n, generator=g)[:limit].tolist())
 
 
 def default_param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -342,10 +358,8 @@ class Trainer:
         ``resume=True`` continues from the latest complete checkpoint in ``output_dir`` and starts fresh
         when there is none; a path resumes from that checkpoint folder.
         """
-        from accelerate.utils import set_seed
-
         acc, c = self.accelerator, self.config
-        set_seed(c.seed)
+        seed_everything(c.seed)
         loader, sampler = self._dataloader()
         micro_per_epoch = len(loader)
         if micro_per_epoch == 0:
@@ -375,7 +389,7 @@ class Trainer:
         if c.log_with:
             acc.init_trackers("tb", config=_flat_hparams(self.recipe))
 
-        bar = _progress(total_steps, state["global_step"], enabled=c.progress and acc.is_local_main_process)
+        bar = _progress(total_steps, state["global_step"], enabled=c.progress and acc.is_local_main_process, desc=c.progress_desc)
         history: list[dict[str, float]] = []
         sums: dict[str, float] = {}
         count = 0
@@ -556,10 +570,10 @@ def _is_scalar(v: Any) -> bool:
     return (torch.is_tensor(v) and v.dim() == 0) or (isinstance(v, (int, float)) and not isinstance(v, bool))
 
 
-def _progress(total: int, initial: int, enabled: bool):
+def _progress(total: int, initial: int, enabled: bool, desc: str = "train"):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc="train", unit="step", disable=not enabled, dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=not enabled, dynamic_ncols=True)
 
 
 def _flat_hparams(recipe: dict[str, Any]) -> dict[str, Any]:

@@ -31,7 +31,7 @@ from torch.utils.data import ConcatDataset, Subset
 from ..models.vlm import has_lora
 from ..prompts import VLMProcessor
 from .config import section_from_dict, to_plain
-from .engine import TrainConfig, Trainer
+from .engine import TrainConfig, Trainer, sample_indices, seed_everything
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class VLMDataSection:
     image_size: tuple[int, int, int] | None = None  # (D, H, W); default: the encoder's input_size
     augment: bool = True
     on_error: str = "raise"  # or "skip" (logged and counted)
-    limit: int | None = None  # at most this many items from each source (smoke runs)
+    limit: int | None = None  # a seeded random sample of at most N items from each source (smoke runs)
 
 
 @dataclass
@@ -179,13 +179,16 @@ def build_dataset(section: VLMDataSection, stage: int, image_size: tuple[int, in
     if not parts:
         raise ValueError("the recipe names no data: set data.cap_json, data.vqa_csv or data.yes_no_csv")
     if section.limit is not None:
-        parts = [Subset(p, range(min(section.limit, len(p)))) for p in parts]
+        # A seeded random sample of each source, not its first rows: the M3D CSVs are ordered by image, so the
+        # first N rows would cover a handful of images only.
+        parts = [Subset(p, sample_indices(len(p), section.limit, seed)) for p in parts]
     return ConcatDataset(parts)
 
 
 def main(recipe: dict[str, Any], resume: bool | str | os.PathLike = False) -> dict[str, Any]:
     """Run stage 2 or 3 from a recipe dict; returns a summary (paths, steps, first and last loss)."""
     cfg = VLMRecipe.from_dict(recipe)
+    seed_everything(cfg.train.seed)  # before the projector, the LoRA weights and the data subset are drawn
     model = set_trainable(build_model(cfg.model), cfg.stage)
     if model.processor is None:
         raise ValueError("the VLM has no tokenizer; build it from a registered name with an LLM or a saved folder")
