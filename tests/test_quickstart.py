@@ -6,16 +6,23 @@ import pytest
 
 
 @pytest.mark.slow
-def test_quickstart_runs_every_step_and_resumes(tmp_path):
-    from med3dvlm.quickstart import run_quickstart
+def test_quickstart_runs_every_step_writes_results_json_and_resumes(tmp_path):
+    from med3dvlm.quickstart import QuickstartBudget, run_quickstart
 
-    page = run_quickstart(tmp_path, cases=40, clip_epochs=1, vlm_limit=8, eval_limit=4)
+    budget = QuickstartBudget(cases=80, clip_steps=2, stage2_steps=2, stage3_steps=2, llm_layers=2, eval_images=4,
+                              retrieval_pairs=5)
+    page = run_quickstart(tmp_path, seed=1, budget=budget)
     text = page.read_text()
-    for heading in ("## Retrieval (stage 1)", "Report generation (Table 2 layout)", "Closed-ended VQA", "## Test volumes"):
+    for heading in ("## Does the model read the scan?", "## Retrieval (stage 1)", "## Test volumes"):
         assert heading in text
     assert (tmp_path / "model" / "llm").is_dir() and not (tmp_path / "model" / "lora").exists()
-    summary = json.loads((tmp_path / "eval" / "vqa" / "summary.json").read_text())
-    assert summary["samples"]["closed"] == 4
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["seed"] == 1 and results["retrieval"]["n"] == 5
+    assert results["closed_vqa"]["n"] == 36 and len(results["closed_vqa"]["strict"]["by_type"]) == 5
+    for key in ("zero", "swapped"):
+        assert 0 <= results["ablation"][key]["closed_vqa_strict"] <= 100
+    assert set(results["probe"]["by_type"]) == set(results["closed_vqa"]["strict"]["by_type"])
+    assert results["yes_no"]["n"] == 20 and results["report"]["n"] == 4
     first = json.loads((tmp_path / "timings.json").read_text())
-    run_quickstart(tmp_path, cases=40, clip_epochs=1, vlm_limit=8, eval_limit=4)  # everything is skipped
+    run_quickstart(tmp_path, seed=1, budget=budget)  # everything is skipped
     assert json.loads((tmp_path / "timings.json").read_text()) == first

@@ -86,23 +86,54 @@ def example_predictions(out: Path, n: int = 4) -> str:
         return text.replace("|", "/").strip() or "_(empty)_"
 
     parts = []
-    report = out / "eval" / "report" / "predictions.csv"
+    report = out / "eval" / "report.csv"
     if report.is_file():
         frame = pd.read_csv(report, keep_default_na=False).head(n)
         parts.append("| reference report | generated report |\n|---|---|")
         parts += [f"| {cell(r.answer)} | {cell(r.prediction)} |" for r in frame.itertuples()]
-    vqa = out / "eval" / "vqa" / "predictions.csv"
-    if vqa.is_file():
-        frame = pd.read_csv(vqa, keep_default_na=False)
-        for mode in ("closed", "open"):
-            rows = frame[frame["mode"] == mode].head(n)
-            if len(rows):
-                parts.append(f"\n{mode}-ended VQA:\n\n| question | answer | model |\n|---|---|---|")
-                parts += [f"| {cell(r.question)} | {cell(r.answer)} | {cell(r.prediction)} |" for r in rows.itertuples()]
+    for name, title in (("closed_real", "closed-ended VQA"), ("yes_no", "yes/no")):
+        path = out / "eval" / f"{name}.csv"
+        if path.is_file():
+            rows = pd.read_csv(path, keep_default_na=False).head(2 * n)
+            parts.append(f"\n{title}:\n\n| question | answer | model |\n|---|---|---|")
+            parts += [f"| {cell(r.question)} | {cell(r.answer)} | {cell(r.prediction)} |" for r in rows.itertuples()]
     return "\n".join(parts) if parts else "_no predictions_"
 
 
-def write_results_page(out: str | Path) -> Path:
+def controls_section(results: dict) -> list[str]:
+    """The held-out numbers beside their controls: text-prior baseline, zeroed and swapped volumes, probe."""
+    closed, ablation, probe = results["closed_vqa"], results["ablation"], results.get("probe", {}).get("by_type", {})
+    types = list(closed["strict"]["by_type"])
+    row = lambda name, values: f"| {name} | " + " | ".join(f"{values.get(t, float('nan')):.1f}" for t in types) + " |"  # noqa: E731
+    yn, rep, ret = results["yes_no"], results["report"], results["retrieval"]
+    return [
+        "## Does the model read the scan?",
+        "",
+        f"Held-out cases only. Closed VQA: {closed['n']} questions on {closed['images']} images, strict letter scoring; "
+        f"chance {closed['chance']:.1f} %, image-free text-prior baseline {closed['majority_baseline']:.1f} % "
+        "(the training set's most frequent answer to the same question among the offered choices).",
+        "",
+        f"| closed VQA, % | " + " | ".join(types) + " |",
+        "|---|" + "---:|" * len(types),
+        row(f"real volumes (overall {closed['strict']['overall']:.1f})", closed["strict"]["by_type"]),
+        row(f"zeroed volumes (overall {ablation['zero']['closed_vqa_strict']:.1f})", ablation["zero"]["by_type"]),
+        row(f"volumes swapped between cases (overall {ablation['swapped']['closed_vqa_strict']:.1f})", ablation["swapped"]["by_type"]),
+        row("linear probe on the frozen stage-1 features (ceiling)", probe),
+        "",
+        f"Under the swap, {ablation['swapped']['follows_swapped']} % of the answers that could tell name the swapped-in "
+        f"volume's answer (n = {ablation['swapped']['follows_swapped_n']}). Empty closed answers: {closed['empty']}.",
+        "",
+        f"Yes/no ({yn['n']} questions): balanced accuracy {yn['balanced_accuracy']} %, yes-rate {yn['yes_rate']} % "
+        f"(true {yn['true_yes_rate']} %). Reports ({rep['n']}): {rep['finding_accuracy']} % of {rep['findings']} findings "
+        f"stated correctly ({rep['by_finding']}); {rep['hallucination_rate']} % of the {rep['stated_lesions']} stated lesions "
+        "are not in the case. "
+        f"Retrieval on {ret['n']} held-out pairs with distinct reports: IR@1 {ret['ir_at_1']} %, TR@1 {ret['tr_at_1']} % "
+        f"(chance {ret['chance']} %).",
+        "",
+    ]
+
+
+def write_results_page(out: str | Path, results: dict | None = None) -> Path:
     out = Path(out)
     timings = json.loads((out / "timings.json").read_text()) if (out / "timings.json").is_file() else {}
     lines = [
@@ -119,17 +150,14 @@ def write_results_page(out: str | Path) -> Path:
         *[f"| {k} | {v} |" for k, v in timings.items()],
         "",
     ]
+    if results:
+        lines += controls_section(results)
     loss = loss_plot(out)
     if loss:
         lines += ["## Training", "", f"![training loss]({loss.name})", ""]
     lines += ["## Retrieval (stage 1)", "", _strip_title(_read(out / "stage1" / "eval" / "retrieval.md")), ""]
     if (out / "stage1" / "eval" / "recall_at_k.png").is_file():
         lines += ["![recall at K](stage1/eval/recall_at_k.png)", ""]
-    lines += ["## Report generation and VQA", "", _strip_title(_read(out / "eval" / "report" / "tables.md")), "",
-              _strip_title(_read(out / "eval" / "vqa" / "tables.md")), ""]
-    for plot in ("closed_vqa_by_type.png", "open_vqa_by_type.png"):
-        if (out / "eval" / "vqa" / plot).is_file():
-            lines += [f"![{plot}](eval/vqa/{plot})", ""]
     lines += ["## Example predictions", "", example_predictions(out), "", "## Test volumes", ""]
     for path, report in slice_images(out):
         lines += [f"![{path.stem}]({path.name})", "", f"> {report}", ""]
