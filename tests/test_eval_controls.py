@@ -114,3 +114,19 @@ def test_probe_reads_a_linearly_coded_answer_and_not_noise():
     assert coded[1]["accuracy"] == 100.0
     noise = probe_by_type(rng.standard_normal((300, 3)), rows(300, codes_tr), rng.standard_normal((90, 3)), rows(90, codes_te))
     assert noise[1]["accuracy"] < 60.0
+
+
+def test_closed_questions_can_be_answered_with_the_choice_text(tmp_path):
+    from med3dvlm.data.datasets import VQADataset
+    from med3dvlm.data.phantom import write_phantom_dataset
+    from med3dvlm.metrics.vqa import chosen_letter
+
+    write_phantom_dataset(tmp_path, n=6, seed=0, size=(16, 32, 32), progress=False)
+    csv = tmp_path / "M3D-VQA" / "M3D_VQA_train.csv"
+    letter_first = VQADataset(csv, mode="closed")[0]
+    text_only = VQADataset(csv, mode="closed", closed_answer="text")[0]
+    assert letter_first["question"] == text_only["question"] and "Choices: A. " in text_only["question"]
+    assert letter_first["answer"] == f"{text_only['answer_choice']}. {text_only['answer']}"
+    assert chosen_letter(text_only["answer"], text_only["choices"]) == text_only["answer_choice"]
+    with pytest.raises(ValueError, match="closed_answer"):
+        VQADataset(csv, mode="closed", closed_answer="letters")

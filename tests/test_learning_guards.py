@@ -141,9 +141,9 @@ def phantom(tmp_path_factory) -> Path:
 
 def _clip_recipe(out: Path, data: Path, steps: int, **train) -> dict:
     return {
-        # Layer scale 1.0 instead of the paper's 1e-6: in a short run the blocks never open up otherwise, and the
-        # encoder stays the random stem + pooling it started as (the quickstart has the same override).
-        "model": {"name": "clip_dcformer_test", "overrides": {"vision_overrides": {"layer_scale_init": 1.0}}},
+        # The quickstart's short-run settings: layer scale 1.0 (the paper's 1e-6 keeps the blocks closed for a
+        # short run) and the CLIP loss (SigLIP stalls at this batch size and length).
+        "model": {"name": "clip_dcformer_test", "overrides": {"vision_overrides": {"layer_scale_init": 1.0}, "loss": "clip"}},
         "data": {"cap_json": str(data / "M3D_Cap.json"), "split": "train", "augment": False},
         "train": {"output_dir": str(out), "lr": 3e-3, "max_steps": steps, "batch_size": 8, "save_every": 0,
                   "log_every": 5, "log_with": None, "progress": False, "seed": 3, **train},
@@ -155,7 +155,7 @@ def test_tiny_stage1_retrieval_beats_chance(tmp_path, phantom):
     summary = stage1.main(_clip_recipe(tmp_path / "run", phantom, steps=120))
     recall = summary["eval"]["by_size"][24]
     chance_at_5 = 5 / 24
-    assert recall["IR@5"] >= 2 * chance_at_5 and recall["TR@5"] >= 2 * chance_at_5, recall
+    assert recall["IR@5"] >= 3 * chance_at_5 and recall["TR@5"] >= 3 * chance_at_5, recall
 
 
 def test_train_clip_same_seed_same_bits(tmp_path, phantom):

@@ -142,3 +142,17 @@ def test_trainers_with_different_settings_in_one_process(tmp_path: Path) -> None
         assert trainer.accelerator.gradient_accumulation_steps == accum
         assert trainer.accelerator.mixed_precision == precision
         assert trainer.train().global_step == 2
+
+
+def test_length_grouped_sampler_is_a_seeded_permutation_of_similar_length_batches() -> None:
+    from med3dvlm.train.engine import EpochSampler
+
+    lengths = [float(i % 7) * 10 + (i % 3) for i in range(200)]
+    sampler = EpochSampler(200, seed=3, lengths=lengths, batch_size=4)
+    order = list(sampler)
+    assert sorted(order) == list(range(200)) and order == list(EpochSampler(200, seed=3, lengths=lengths, batch_size=4))
+    sampler.set_epoch(1)
+    assert list(sampler) != order
+    spread = lambda idx: sum(max(lengths[i] for i in idx[k:k + 4]) - min(lengths[i] for i in idx[k:k + 4]) for k in range(0, 200, 4))  # noqa: E731
+    plain = list(EpochSampler(200, seed=3))
+    assert spread(order) < 0.25 * spread(plain)  # batches hold items of similar length

@@ -167,3 +167,22 @@ def test_embedded_default_llm_runs_offline():
     assert model.num_image_tokens == 256 and model.projector.num_parameters() > 0
     texts = model.generate_text(torch.rand(1, 1, 128, 256, 256), ["Which organ is abnormal?"], max_new_tokens=5)
     assert len(texts) == 1 and isinstance(texts[0], str)
+
+
+def test_loss_on_answer_positions_equals_the_full_lm_loss(tiny_tokenizer):
+    """The training forward computes logits only where a label is predicted; loss and gradients must not change."""
+    from med3dvlm.train.vlm import VLMCollate
+
+    model = Med3DVLM(med3dvlm.get_config("med3dvlm_test"), tokenizer=copy.deepcopy(tiny_tokenizer)).eval()
+    items = [{"image": torch.rand(1, 64, 64, 64), "question": q, "answer": a}
+             for q, a in [("Which plane is this image?", "axial"), ("What organ is abnormal? Choices: A. axial B. none", "B. none")]]
+    batch = VLMCollate(model.processor)(items)
+    fast = model(batch["input_ids"], batch["images"], batch["attention_mask"], batch["labels"]).loss
+    fast.backward()
+    fast_grad = model.projector.low[0].token_mlp.fc1.weight.grad.clone()
+    model.zero_grad()
+    embeds = model.embed_inputs(batch["input_ids"], batch["images"])
+    full = model.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"], use_cache=False).loss
+    full.backward()
+    assert torch.allclose(fast, full, atol=1e-5), (fast.item(), full.item())
+    assert torch.allclose(fast_grad, model.projector.low[0].token_mlp.fc1.weight.grad, atol=1e-6)

@@ -24,8 +24,10 @@ def quickstart(
     from ..quickstart import QuickstartBudget, run_quickstart
 
     if not logging.getLogger().isEnabledFor(logging.DEBUG):  # without -v: one progress bar per stage, then the summary
-        for name in ("accelerate", "med3dvlm.train", "med3dvlm.eval", "transformers", "httpx"):
+        for name in ("med3dvlm.train", "med3dvlm.eval", "transformers", "httpx"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        # Accelerate warns at every checkpoint that the tied lm_head is saved once; that is expected.
+        logging.getLogger("accelerate").setLevel(logging.ERROR)
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=UserWarning, module="sklearn")
     t0 = time.perf_counter()

@@ -61,7 +61,8 @@ def evaluate_with_controls(
     test_frame = read_vqa_csv(vqa_dir / "M3D_VQA_test.csv")
     images = first_images(test_frame, n_images)
     chosen = set(images)
-    closed = VQADataset(vqa_dir / "M3D_VQA_test.csv", mode="closed", size=size)  # type: ignore[arg-type]
+    # The prompt lists the choices as M3D does; "answer" is the choice text, which the donor comparison needs.
+    closed = VQADataset(vqa_dir / "M3D_VQA_test.csv", mode="closed", size=size, closed_answer="text")  # type: ignore[arg-type]
     keep = [i for i, p in enumerate(closed.rows["Image Path"].astype(str)) if p in chosen]
     bare = {i: str(closed.rows.iloc[i]["Question"]) for i in keep}
     donors = swap_partners(images, seed=seed)

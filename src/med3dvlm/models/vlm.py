@@ -26,7 +26,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..hub import CONFIG_NAME, PretrainedModel, from_pretrained, write_json_atomic
-from ..prompts import IMAGE_TOKEN, VLMProcessor, add_image_token
+from ..prompts import IGNORE_INDEX, IMAGE_TOKEN, VLMProcessor, add_image_token
 from ..registry import build_model, get_config, register_family, register_model
 from .llm import DEFAULT_LLM, load_llm
 
@@ -174,9 +174,18 @@ class Med3DVLM(PretrainedModel):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
     ) -> Any:
-        """The LLM's output (with `.loss` when labels are given; -100 labels are ignored)."""
+        """The LLM's output; with labels, `.loss` (mean over the tokens not labelled -100) and `.logits` only at the
+        positions that predict a label, in order (the LM head over every position is a quarter of a step's work)."""
         embeds = self.embed_inputs(input_ids, images)
-        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, use_cache=False)
+        if labels is None:
+            return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False)
+        targets = labels[:, 1:]  # position t predicts token t + 1
+        keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+        out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False, logits_to_keep=keep)
+        logits = out.logits.float()
+        out.loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets[:, keep].reshape(-1),
+                                               ignore_index=IGNORE_INDEX)
+        return out
 
     @torch.no_grad()
     def generate(

@@ -75,6 +75,7 @@ class TrainConfig:
     log_with: str | None = "tensorboard"  # an Accelerate tracker name, or None
     progress: bool = True  # tqdm bar on the main process
     progress_desc: str = "train"  # the bar's label
+    group_by_length: bool = False  # batches of items of similar length (needs lengths from the stage), less padding
 
     def __post_init__(self) -> None:
         if self.mixed_precision not in ("no", "bf16", "fp16"):
@@ -106,10 +107,20 @@ class EpochSampler(Sampler[int]):
 
     Every process of a distributed run draws the same order (Accelerate then shards the batches), and
     the order of an epoch can be rebuilt after a restart without any saved sampler state.
+
+    With `lengths` (one number per item, e.g. its text length) and `batch_size`, items are grouped by length
+    as Hugging Face's `group_by_length` does: the shuffled order is cut into mega-batches of 16 batches, each
+    sorted by length, and the batches of a mega-batch are shuffled. A batch then holds items of similar
+    length, so little of it is padding.
     """
 
-    def __init__(self, n: int, seed: int, shuffle: bool = True) -> None:
+    MEGA = 16  # batches per mega-batch
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True, lengths: Sequence[float] | None = None, batch_size: int = 1) -> None:
+        if lengths is not None and len(lengths) != n:
+            raise ValueError(f"{len(lengths)} lengths for {n} items")
         self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+        self.lengths, self.batch_size = lengths, batch_size
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -118,7 +129,17 @@ class EpochSampler(Sampler[int]):
         if not self.shuffle:
             return iter(range(self.n))
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return iter(torch.randperm(self.n, generator=g).tolist())
+        order = torch.randperm(self.n, generator=g).tolist()
+        if self.lengths is None:
+            return iter(order)
+        grouped: list[int] = []
+        mega = self.MEGA * self.batch_size
+        for start in range(0, self.n, mega):
+            chunk = sorted(order[start:start + mega], key=lambda i: -self.lengths[i])  # type: ignore[index]
+            batches = [chunk[k:k + self.batch_size] for k in range(0, len(chunk), self.batch_size)]
+            for b in torch.randperm(len(batches), generator=g).tolist():
+                grouped.extend(batches[b])
+        return iter(grouped)
 
     def __len__(self) -> int:
         return self.n
@@ -262,6 +283,7 @@ class Trainer:
         recipe: the resolved recipe, saved next to the checkpoints and logged as hyperparameters.
         seed_samples: wrap the dataset in `EpochSeededDataset` (per-sample seeding, exact resume with
             random augmentation); turn off only for datasets that manage their own randomness.
+        lengths: one length per item, used when ``config.group_by_length`` is set.
     """
 
     def __init__(
@@ -273,12 +295,14 @@ class Trainer:
         param_groups: Sequence[dict[str, Any]] | None = None,
         recipe: dict[str, Any] | None = None,
         seed_samples: bool = True,
+        lengths: Sequence[float] | None = None,
     ) -> None:
         self.task, self.config, self.collate_fn = task, config, collate_fn
         self.dataset = EpochSeededDataset(dataset, config.seed) if seed_samples else dataset
         self.param_groups = param_groups
         self.recipe = recipe if recipe is not None else {"train": to_plain(config)}
         self.output_dir = Path(config.output_dir)
+        self.lengths = lengths
         self.accelerator = self._make_accelerator()
 
     # ------------------------------------------------------------------------------------------------ setup
@@ -333,7 +357,10 @@ class Trainer:
 
     def _dataloader(self) -> tuple[DataLoader, EpochSampler]:
         c = self.config
-        sampler = EpochSampler(len(self.dataset), c.seed)  # type: ignore[arg-type]
+        lengths = self.lengths if c.group_by_length else None
+        if c.group_by_length and lengths is None:
+            raise ValueError("train.group_by_length needs item lengths, which this stage does not provide")
+        sampler = EpochSampler(len(self.dataset), c.seed, lengths=lengths, batch_size=c.batch_size)  # type: ignore[arg-type]
         self._generator = torch.Generator().manual_seed(c.seed)
         loader = DataLoader(
             self.dataset,

@@ -56,6 +56,8 @@ class VLMDataSection:
     augment: bool = True
     on_error: str = "raise"  # or "skip" (logged and counted)
     limit: int | None = None  # a seeded random sample of at most N items from each source (smoke runs)
+    caption_repeats: int = 1  # the captions count this many times: a report is one item, like one short question
+    closed_answer: str = "letter"  # closed questions answered "A. text" (M3D) or "text" (see VQADataset)
 
 
 @dataclass
@@ -171,7 +173,8 @@ def build_dataset(section: VLMDataSection, stage: int, image_size: tuple[int, in
         parts.append(CaptionDataset(section.cap_json, split=section.split, root=section.root, train=section.augment, **common))
     if section.vqa_csv:
         for mode in ("closed", "open"):
-            parts.append(VQADataset(section.vqa_csv, root=section.root, mode=mode, train=section.augment, **common))
+            parts.append(VQADataset(section.vqa_csv, root=section.root, mode=mode, train=section.augment,
+                                    closed_answer=section.closed_answer, **common))
     if section.yes_no_csv:
         if stage == 2:
             logger.warning("stage 2 of the paper uses no yes/no questions, but data.yes_no_csv is set; using it")
@@ -182,7 +185,18 @@ def build_dataset(section: VLMDataSection, stage: int, image_size: tuple[int, in
         # A seeded random sample of each source, not its first rows: the M3D CSVs are ordered by image, so the
         # first N rows would cover a handful of images only.
         parts = [Subset(p, sample_indices(len(p), section.limit, seed)) for p in parts]
+    if section.cap_json and section.caption_repeats > 1:
+        parts = [parts[0]] * section.caption_repeats + parts[1:]
     return ConcatDataset(parts)
+
+
+def item_lengths(dataset: ConcatDataset) -> list[int]:
+    """Text length of every item of a stage's dataset, read without loading images."""
+    lengths = []
+    for part in dataset.datasets:
+        base, indices = (part.dataset, part.indices) if isinstance(part, Subset) else (part, range(len(part)))
+        lengths.extend(base.text_length(i) for i in indices)
+    return lengths
 
 
 def main(recipe: dict[str, Any], resume: bool | str | os.PathLike = False) -> dict[str, Any]:
@@ -197,7 +211,8 @@ def main(recipe: dict[str, Any], resume: bool | str | os.PathLike = False) -> di
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info("stage %d: %d samples at %s, %.2f M of %.1f M parameters trainable", cfg.stage.stage, len(dataset),
                 "x".join(map(str, image_size)), trainable / 1e6, sum(p.numel() for p in model.parameters()) / 1e6)
-    trainer = Trainer(VLMTask(model), dataset, cfg.train, VLMCollate(model.processor), recipe=to_plain(cfg))
+    lengths = item_lengths(dataset) if cfg.train.group_by_length else None
+    trainer = Trainer(VLMTask(model), dataset, cfg.train, VLMCollate(model.processor), recipe=to_plain(cfg), lengths=lengths)
     t0 = time.perf_counter()
     result = trainer.train(resume=resume)
     out = Path(cfg.train.output_dir)
