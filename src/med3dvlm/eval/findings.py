@@ -19,8 +19,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-PLANES = ("axial", "coronal", "sagittal")
-PHASES = ("non-contrast", "arterial", "portal venous", "delayed")
+from ..data.phantom import PHASES, PLANES
+
 # Words that name each lesion kind in the phantom's report templates.
 KIND_WORDS = {"cyst": ("cyst",), "mass": ("mass",), "calcification": ("calcification", "calcified"),
               "nodule": ("nodule",), "hemorrhage": ("hemorrhage",)}
