@@ -13,7 +13,7 @@ import med3dvlm
 from med3dvlm.losses import ClipLoss, SigLipLoss
 from med3dvlm.models.clip import Contrastive3D, ContrastiveConfig
 from med3dvlm.models.text import TextTower, hf_config_dict, load_tokenizer, minilm_dir
-from med3dvlm.registry import build_model, create_model, get_config
+from med3dvlm.registry import build_from_config, create_model, get_config
 
 TEXTS = ["no acute intracranial hemorrhage.", "a large hypodense mass in the right hepatic lobe with satellite nodules."]
 TINY_DISTILBERT = dict(
@@ -130,7 +130,7 @@ def test_distilbert_tower_reads_dim_and_pools(tokenizer) -> None:
 
 def test_contrastive_over_distilbert_and_vit(tokenizer) -> None:
     config = ContrastiveConfig(vision="vit3d_test", text_config=TINY_DISTILBERT, embed_dim=16, max_text_length=32)
-    model = build_model(config)
+    model = build_from_config(config)
     size = model.vision.config.input_size
     out = model(torch.randn(2, 1, *size), **model.tokenize(tokenizer, TEXTS))
     assert out["image_features"].shape == (2, 16)

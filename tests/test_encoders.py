@@ -5,7 +5,7 @@ import torch
 
 import med3dvlm
 from med3dvlm.models.layers import to_tokens
-from med3dvlm.profiling import summarize
+from med3dvlm.profiling import profile_model
 
 PARAMS = {
     "dcformer_nano": 789_216,
@@ -26,14 +26,14 @@ def test_parameter_counts(name, expected):
 
 
 def test_dcformer_small_token_shapes_and_gmac():
-    summary = summarize("dcformer_small", (128, 256, 256))
+    summary = profile_model("dcformer_small", (128, 256, 256))
     assert summary.params == 18_244_800
     assert summary.outputs == [[131072, 64], [16384, 96], [2048, 192], [256, 384], [32, 768]]
     assert summary.gmac == pytest.approx(21.36, abs=0.01)
 
 
 def test_vit3d_base_tokens_and_gmac():
-    summary = summarize("vit3d_base", (32, 256, 256))
+    summary = profile_model("vit3d_base", (32, 256, 256))
     assert summary.outputs == [[2049, 768]]  # cls + 8x16x16 patches
     assert summary.gmac == pytest.approx(253.0, abs=1.0)
 

@@ -3,6 +3,10 @@
 `PretrainedModel` gives any registered model `save_pretrained(dir)` and `from_pretrained(dir)`.
 The module-level `from_pretrained` reads `config.json` first and dispatches on its `model_type`,
 so a directory is enough to rebuild whatever model it holds (like `AutoModel`).
+
+This module knows our format only. Released checkpoints in other layouts are read by `med3dvlm.convert`
+and `med3dvlm.loading.from_pretrained` (what `med3dvlm.from_pretrained` is) chooses between the two, so
+the models, which import this module, never reach the converters.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
 from safetensors.torch import load_model, save_model
@@ -20,6 +25,8 @@ from .config import ModelConfig
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
+# `model_type`s of released layouts that `med3dvlm.convert` reads (the original Med3DVLM with Qwen2.5).
+RELEASED_MODEL_TYPES = ("vlm_qwen",)
 
 P = TypeVar("P", bound="PretrainedModel")
 
@@ -44,13 +51,7 @@ class PretrainedModel(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         write_json_atomic(directory / CONFIG_NAME, self.config.to_dict())
         # Write beside the target then rename, so an interrupted save never leaves a torn file.
-        with tempfile.NamedTemporaryFile(dir=directory, suffix=".tmp", delete=False) as tmp:
-            tmp_path = Path(tmp.name)
-        try:
-            save_model(self, str(tmp_path))
-            os.replace(tmp_path, directory / WEIGHTS_NAME)
-        finally:
-            tmp_path.unlink(missing_ok=True)
+        write_atomic(directory / WEIGHTS_NAME, lambda tmp: save_model(self, str(tmp)))
         return directory
 
     @classmethod
@@ -81,13 +82,14 @@ def read_config(directory: str | os.PathLike) -> ModelConfig:
 
 
 def from_pretrained(directory: str | os.PathLike, **overrides: Any) -> nn.Module:
-    """Load whatever model `directory` holds, dispatching on `model_type` in its config."""
-    from .registry import build_model, model_class_for
+    """Load whatever model in our format `directory` holds, dispatching on `model_type` in its config."""
+    from .registry import build_from_config, model_class_for
 
-    if _peek_model_type(directory) == "vlm_qwen":  # a released Med3DVLM checkpoint, not our format
-        from .convert.med3dvlm import load_released_med3dvlm
-
-        return load_released_med3dvlm(directory, **overrides)
+    if peek_model_type(directory) in RELEASED_MODEL_TYPES:
+        raise ValueError(
+            f"{directory}: a released checkpoint (model_type {peek_model_type(directory)!r}), not med3dvlm's format; "
+            "load it with med3dvlm.from_pretrained"
+        )
     config = read_config(directory)
     if overrides:
         config = config.replace(**overrides)
@@ -97,7 +99,7 @@ def from_pretrained(directory: str | os.PathLike, **overrides: Any) -> nn.Module
     weights = Path(directory) / WEIGHTS_NAME
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: missing weights file")
-    model = build_model(config)
+    model = build_from_config(config)
     try:
         missing, unexpected = load_model(model, str(weights), strict=False)
     except RuntimeError as err:  # shape mismatches
@@ -110,7 +112,8 @@ def from_pretrained(directory: str | os.PathLike, **overrides: Any) -> nn.Module
     return model
 
 
-def _peek_model_type(directory: str | os.PathLike) -> str | None:
+def peek_model_type(directory: str | os.PathLike) -> str | None:
+    """`model_type` in `directory/config.json`, or None when it cannot be read (`read_config` says why)."""
     path = Path(directory) / CONFIG_NAME
     try:
         return json.loads(path.read_text()).get("model_type")
@@ -118,7 +121,29 @@ def _peek_model_type(directory: str | os.PathLike) -> str | None:
         return None  # read_config reports the problem properly
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+def write_atomic(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """Call `write(tmp)` on a temporary file beside `path`, then rename it to `path`.
+
+    The rename is atomic on one file system, so an interrupted write never leaves a torn file where a
+    reader (a resumed run, a loader) would take it for a complete one. The temporary file is removed
+    when `write` fails.
+    """
+    path = Path(path)
+    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name + ".", suffix=".tmp", delete=False) as handle:
+        tmp = Path(handle.name)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` to `path` atomically (see `write_atomic`)."""
+    return write_atomic(path, lambda tmp: tmp.write_text(text))
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any, indent: int = 2, default: Callable[[Any], Any] | None = None) -> Path:
+    """Write `data` as JSON (and a final newline) to `path` atomically (see `write_atomic`)."""
+    return write_text_atomic(path, json.dumps(data, indent=indent, default=default) + "\n")

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .registry import build_model, get_config
+from .registry import build_from_config, get_config
 
 
 @dataclass
@@ -33,16 +33,16 @@ class ModelSummary:
         }
 
 
-def summarize(name: str, input_size: tuple[int, ...] | None = None, batch_size: int = 1, **overrides: Any) -> ModelSummary:
+def profile_model(name: str, input_size: tuple[int, ...] | None = None, batch_size: int = 1, **overrides: Any) -> ModelSummary:
     """Parameters, GMAC and output shapes of registered model `name` on one input of `input_size`.
 
     `input_size` defaults to the config's own `input_size`; overrides change config fields.
     """
     config = get_config(name, **overrides)
     if config.model_type == "vlm":
-        return _summarize_vlm(name, config)
+        return _profile_vlm(name, config)
     with torch.device("meta"):
-        model = build_model(config).eval()
+        model = build_from_config(config).eval()
     params = sum(p.numel() for p in model.parameters())
     if hasattr(model, "example_input"):  # models whose input is not one volume (projectors, contrastive)
         example = model.example_input(batch_size)
@@ -71,7 +71,7 @@ def format_shape(shape: list) -> str:
 
 
 
-def _summarize_vlm(name: str, config: Any) -> ModelSummary:
+def _profile_vlm(name: str, config: Any) -> ModelSummary:
     """A VLM's size without loading its LLM: parameters of all parts, compute of encoder + projector."""
     from .models.vlm import KNOWN_LLM_CONFIGS
 
@@ -84,7 +84,7 @@ def _summarize_vlm(name: str, config: Any) -> ModelSummary:
         hf = AutoConfig.from_pretrained(resolve_llm_path(config.llm))
         llm_config = {**hf.to_dict(), "model_type": hf.model_type}
     with torch.device("meta"):
-        model = build_model(config.replace(llm_config=dict(llm_config))).eval()
+        model = build_from_config(config.replace(llm_config=dict(llm_config))).eval()
     params = sum(p.numel() for p in model.parameters())
     vision_config = model.vision.config
     example = torch.empty(1, getattr(vision_config, "in_channels", 1), *vision_config.input_size, device="meta")

@@ -2,6 +2,9 @@
 
 Usage mirrors timm: `@register_model` on a tiny function that returns a filled config,
 `create_model("dcformer_small", **overrides)` to build one, `list_models("dcformer_*")` to browse.
+
+The registry is the layer just above `config`: it imports no model. The package `__init__` imports
+`med3dvlm.models`, whose decorators fill it, so any `import med3dvlm...` sees every built-in name.
 """
 
 from __future__ import annotations
@@ -46,20 +49,13 @@ def register_family(config_class: type[ModelConfig]) -> Callable[[M], M]:
     return wrap
 
 
-def _ensure_builtin_models() -> None:
-    # Importing the models package runs the @register_model decorators.
-    from . import models  # noqa: F401
-
-
 def list_models(pattern: str = "*") -> list[str]:
     """Registered model names matching a shell-style pattern, sorted."""
-    _ensure_builtin_models()
     return sorted(n for n in _CONFIG_FACTORIES if fnmatch.fnmatchcase(n, pattern))
 
 
 def get_config(name: str, **overrides: Any) -> ModelConfig:
     """The config registered under `name`, with `overrides` applied."""
-    _ensure_builtin_models()
     if name not in _CONFIG_FACTORIES:
         close = difflib.get_close_matches(name, list(_CONFIG_FACTORIES), n=5, cutoff=0.5)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
@@ -69,22 +65,21 @@ def get_config(name: str, **overrides: Any) -> ModelConfig:
 
 
 def config_class_for(model_type: str) -> type[ModelConfig]:
-    _ensure_builtin_models()
+    """The config class registered for `model_type` (the key in `config.json`)."""
     if model_type not in _CONFIG_CLASSES:
         raise KeyError(f"unknown model_type {model_type!r}; known: {', '.join(sorted(_CONFIG_CLASSES))}")
     return _CONFIG_CLASSES[model_type]
 
 
 def model_class_for(model_type: str) -> type[nn.Module]:
-    _ensure_builtin_models()
+    """The model class registered for `model_type`."""
     if model_type not in _MODEL_CLASSES:
         raise KeyError(f"no model class registered for model_type {model_type!r}")
     return _MODEL_CLASSES[model_type]
 
 
-def build_model(config: ModelConfig) -> nn.Module:
+def build_from_config(config: ModelConfig) -> nn.Module:
     """Instantiate the model class registered for `config.model_type`."""
-    _ensure_builtin_models()
     try:
         model_class = _MODEL_CLASSES[config.model_type]
     except KeyError:
@@ -94,4 +89,4 @@ def build_model(config: ModelConfig) -> nn.Module:
 
 def create_model(name: str, **overrides: Any) -> nn.Module:
     """Build the registered model `name`; keyword arguments override config fields."""
-    return build_model(get_config(name, **overrides))
+    return build_from_config(get_config(name, **overrides))

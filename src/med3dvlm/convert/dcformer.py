@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -87,11 +88,34 @@ def infer_config(state_dict: dict[str, torch.Tensor]) -> DCFormerConfig:
         stem_kernel_size=stem_w.shape[2],
     )
     # Prefer the registered variant of the same architecture, so the checkpoint carries its input size too.
+    name, differing = closest_registered_dcformer(config, ignore=("input_size", "preprocess"))
+    return get_config(name) if not differing else config
+
+
+def dcformer_overrides(name: str, config: DCFormerConfig, ignore: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The fields of `config` that differ from the registered DCFormer `name` (lists as tuples), minus `ignore`."""
+    registered = get_config(name).to_dict()
+    return {
+        k: tuple(v) if isinstance(v, list) else v
+        for k, v in config.to_dict().items()
+        if registered.get(k) != v and k != "model_type" and k not in ignore
+    }
+
+
+def closest_registered_dcformer(config: DCFormerConfig, ignore: tuple[str, ...] = ()) -> tuple[str, dict[str, Any]]:
+    """The registered DCFormer with the fewest fields differing from `config`, and those fields.
+
+    The converters name the registered variant in the configs they write, so a converted checkpoint
+    says which architecture it is; the overrides make it equal to the weights when no variant fits exactly.
+    """
+    best: tuple[str, dict[str, Any]] | None = None
     for name in list_models("dcformer_*"):
-        registered = get_config(name)
-        if registered.replace(input_size=config.input_size, preprocess=None) == config:
-            return registered
-    return config
+        differing = dcformer_overrides(name, config, ignore)
+        if best is None or len(differing) < len(best[1]):
+            best = (name, differing)
+    if best is None:
+        raise LookupError("no DCFormer variant is registered")
+    return best
 
 
 def _rename(key: str) -> str | None:

@@ -16,9 +16,7 @@ from typing import Any
 
 import torch
 
-from ..models.dcformer import DCFormerConfig
-from ..registry import get_config, list_models
-from .dcformer import convert_dcformer_checkpoint, load_state_dict
+from .dcformer import closest_registered_dcformer, convert_dcformer_checkpoint, load_state_dict
 from .projector import convert_projector_checkpoint
 
 # Keys of the released config that describe the vision tower and projector, not the Qwen2 LLM.
@@ -42,18 +40,6 @@ def _load_weights(directory: Path) -> dict[str, torch.Tensor]:
         if (directory / name).is_file():
             return load_state_dict(directory / name)
     raise FileNotFoundError(f"{directory}: no model.safetensors(.index.json) or pytorch_model.bin")
-
-
-def _as_registered(config: DCFormerConfig) -> tuple[str, dict[str, Any]]:
-    """The registered DCFormer closest to `config`, and the field overrides that make it equal."""
-    best: tuple[str, dict[str, Any]] | None = None
-    for name in list_models("dcformer_*"):
-        registered = get_config(name).to_dict()
-        diff = {k: v for k, v in config.to_dict().items() if registered.get(k) != v and k != "model_type"}
-        if best is None or len(diff) < len(best[1]):
-            best = (name, diff)
-    assert best is not None
-    return best[0], {k: tuple(v) if isinstance(v, list) else v for k, v in best[1].items()}
 
 
 def load_released_med3dvlm(directory: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Any:
@@ -85,7 +71,7 @@ def load_released_med3dvlm(directory: str | os.PathLike, dtype: torch.dtype = to
     llm = llm.to(dtype)
 
     h, w, d = raw.get("input_size", (256, 256, 128))  # the original stores (H, W, D)
-    vision_name, vision_overrides = _as_registered(vision.config.replace(input_size=(d, h, w)))
+    vision_name, vision_overrides = closest_registered_dcformer(vision.config.replace(input_size=(d, h, w)))
     kind_name = {"mixer": "mixer2x_h", "mlp": "mlp2x", "low_high_mlp": "mlp2x_h"}[raw.get("mm_projector_type", "mixer")]
     p = projector.config
     projector_overrides = {"kind": p.kind, "low_tokens_out": p.low_tokens_out, "high_tokens_out": p.high_tokens_out,

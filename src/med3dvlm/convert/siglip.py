@@ -24,8 +24,7 @@ from typing import Any
 import torch
 
 from ..models.clip import Contrastive3D, ContrastiveConfig
-from ..registry import get_config, list_models
-from .dcformer import convert_dcformer_state_dict, infer_config
+from .dcformer import closest_registered_dcformer, convert_dcformer_state_dict, dcformer_overrides, infer_config
 
 _VISION = "vision_encoder."
 _TEXT = "language_encoder."
@@ -97,12 +96,8 @@ def convert_siglip_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, 
 def _vision_name_and_overrides(vision_state_dict: dict[str, torch.Tensor]) -> tuple[str, dict[str, Any]]:
     """The registered DCFormer matching the weights, or dcformer_small with the fields that differ."""
     inferred = infer_config(vision_state_dict)
-    for name in list_models("dcformer_*"):
-        if get_config(name) == inferred:
-            return name, {}
-    base = get_config("dcformer_small")
-    ours, theirs = inferred.to_dict(), base.to_dict()
-    return "dcformer_small", {k: v for k, v in ours.items() if theirs.get(k) != v}
+    name, differing = closest_registered_dcformer(inferred)
+    return (name, {}) if not differing else ("dcformer_small", dcformer_overrides("dcformer_small", inferred))
 
 
 def convert_siglip_checkpoint(

@@ -26,7 +26,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..hub import PretrainedModel
-from ..registry import build_model, get_config, register_family, register_model
+from ..registry import build_from_config, get_config, register_family, register_model
 from .text import TextTower, hf_config_dict, minilm_dir
 
 # Initial (t', b): the original Med3DVLM code, and the SigLIP paper (Zhai et al. 2023) as an option.
@@ -88,7 +88,7 @@ class Contrastive3D(PretrainedModel):
 
     def __init__(self, config: ContrastiveConfig) -> None:
         super().__init__(config)
-        self.vision = build_model(config.vision_config())
+        self.vision = build_from_config(config.vision_config())
         self.text = TextTower(config.text_config, config.text_pretrained, config.text_pooling)
         self.vision_proj = nn.Linear(self.vision.output_dims[-1], config.embed_dim)
         self.text_proj = nn.Linear(self.text.hidden_size, config.embed_dim)
@@ -137,18 +137,20 @@ class Contrastive3D(PretrainedModel):
         size = tuple(input_size or self.config.input_size)
         in_channels = getattr(self.vision.config, "in_channels", 1)
         images = torch.zeros(batch_size, in_channels, *size, device=device)
-        length = min(self.config.max_text_length, self.text.max_positions or self.config.max_text_length)
-        return images, torch.zeros(batch_size, length, dtype=torch.long, device=device)
+        return images, torch.zeros(batch_size, self.text_length, dtype=torch.long, device=device)
+
+    @property
+    def text_length(self) -> int:
+        """Tokens kept per text: `max_text_length`, or fewer when the text tower has fewer positions."""
+        limit = self.config.max_text_length
+        return min(limit, self.text.max_positions) if self.text.max_positions else limit
 
     # ----------------------------------------------------------------------------------------------------------
     # text helpers
 
     def tokenize(self, tokenizer: Any, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         """`input_ids` and `attention_mask` on the model's device, truncated to `max_text_length` tokens."""
-        limit = self.config.max_text_length
-        if self.text.max_positions:
-            limit = min(limit, self.text.max_positions)
-        batch = tokenizer(list(texts), max_length=limit, truncation=True, padding=True, return_tensors="pt")
+        batch = tokenizer(list(texts), max_length=self.text_length, truncation=True, padding=True, return_tensors="pt")
         device = self.logit_scale.device
         return {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
 

@@ -27,7 +27,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..hub import CONFIG_NAME, PretrainedModel, from_pretrained, write_json_atomic
 from ..prompts import IGNORE_INDEX, IMAGE_TOKEN, VLMProcessor, add_image_token
-from ..registry import build_model, get_config, register_family, register_model
+from ..registry import build_from_config, get_config, register_family, register_model
 from .llm import DEFAULT_LLM, load_llm
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def _encoder_token_shapes(vision_name: str, overrides: dict[str, Any]) -> list[t
     """(tokens, channels) of each encoder output at the encoder's own input size, computed on meta."""
     config = get_config(vision_name, **overrides)
     with torch.device("meta"):
-        encoder = build_model(config).eval()
+        encoder = build_from_config(config).eval()
         outputs = encoder(torch.empty(1, getattr(config, "in_channels", 1), *config.input_size))
     return [(o.shape[1], o.shape[2]) for o in outputs]
 
@@ -98,8 +98,8 @@ class Med3DVLM(PretrainedModel):
                 if config.llm_layers is not None:
                     truncate_decoder(llm, config.llm_layers)
         self.llm = llm
-        self.vision = build_model(get_config(config.vision, **config.vision_overrides))
-        self.projector = build_model(projector_config_for(config, self.llm.config.hidden_size))
+        self.vision = build_from_config(get_config(config.vision, **config.vision_overrides))
+        self.projector = build_from_config(projector_config_for(config, self.llm.config.hidden_size))
         self.tokenizer: Any = None
         self.processor: VLMProcessor | None = None
         if tokenizer is not None:

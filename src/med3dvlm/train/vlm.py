@@ -123,7 +123,7 @@ class VLMCollate:
 
 
 def build_model(section: VLMModelSection) -> nn.Module:
-    from ..hub import from_pretrained
+    from ..loading import from_pretrained
     from ..models.vlm import Med3DVLM
     from ..registry import create_model
 
