@@ -11,7 +11,8 @@ import pytest
 
 from med3dvlm.cli import main as cli
 from med3dvlm.data.volume import VolumeError
-from med3dvlm.inference import Predictor, extract_zip
+from med3dvlm.inference import Predictor
+from med3dvlm.uploads import extract_zip
 
 sys.path.insert(0, str(Path(__file__).parent))
 from serving_helpers import hu_phantom, tiny_vlm_dir, write_dicom_series, write_nifti, zip_folder  # noqa: E402

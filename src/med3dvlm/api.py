@@ -24,7 +24,8 @@ from pydantic import BaseModel, Field
 
 from . import __version__
 from .data.volume import VolumeError
-from .inference import UPLOAD_SUFFIXES, Predictor, upload_suffix
+from .inference import Predictor
+from .uploads import UPLOAD_SUFFIXES, upload_suffix
 
 logger = logging.getLogger(__name__)
 

@@ -26,7 +26,8 @@ import numpy as np  # noqa: E402
 
 from .data.preprocess import WINDOW_PRESETS, describe_range  # noqa: E402
 from .data.volume import VolumeError, reorient  # noqa: E402
-from .inference import UPLOAD_SUFFIXES, Predictor, PreparedImage  # noqa: E402
+from .inference import Predictor, PreparedImage  # noqa: E402
+from .uploads import UPLOAD_SUFFIXES  # noqa: E402
 
 logger = logging.getLogger(__name__)
 

@@ -7,24 +7,20 @@ the result: the text, what preprocessing did, timings and the generation setting
 predict`), the REST API (`med3dvlm serve`) and the web app (`med3dvlm app`) are thin layers over it.
 
 Optionally a contrastive model and a case index (see `med3dvlm.search`) give image/text embeddings and
-similar prior cases. Zipped uploads are extracted with limits on size, file count and names, so a
-hostile archive cannot write outside its temporary folder or fill the disk.
+similar prior cases. Zipped uploads are read through `med3dvlm.uploads`, which extracts them with limits
+on size, file count and names.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import stat
-import tempfile
 import threading
 import time
 import warnings
-import zipfile
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path, PurePosixPath
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,109 +28,24 @@ import torch
 from .data.preprocess import IntensityWarning, PreprocessSpec, preprocess_with_report
 from .data.readers import load_volume
 from .data.volume import Volume, VolumeError
+from .generation import GenerationSettings
+from .uploads import readable_path
 
 logger = logging.getLogger(__name__)
-
-# Upload types the services accept (one file each); a DICOM series travels as a zip of its slices.
-UPLOAD_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".npy", ".dcm", ".zip")
-MAX_ZIP_MEMBERS = 5000  # a CT series has a few hundred to ~2000 slices
-MAX_UNZIPPED_BYTES = 2 * 1024**3
-_CHUNK = 1 << 20
-
-
-def upload_suffix(name: str) -> str:
-    """The file type of an upload name (".nii.gz" counts as one suffix), lower case; "" when none."""
-    lower = name.lower()
-    if lower.endswith(".nii.gz"):
-        return ".nii.gz"
-    return PurePosixPath(lower).suffix
-
-
-# ------------------------------------------------------------------------------------------------ zip
-
-
-def extract_zip(
-    archive: str | os.PathLike,
-    dest: str | os.PathLike,
-    max_bytes: int = MAX_UNZIPPED_BYTES,
-    max_members: int = MAX_ZIP_MEMBERS,
-) -> Path:
-    """Extract a zip (e.g. a DICOM series) into `dest` safely; returns `dest`.
-
-    Refuses absolute paths, ".." components, symbolic links, more than `max_members` entries and more
-    than `max_bytes` in total; the size is counted while decompressing, since the sizes written in the
-    archive can lie (zip bombs).
-
-    Raises:
-        VolumeError: naming the archive and the reason.
-    """
-    archive, dest = Path(archive), Path(dest)
-    try:
-        zf = zipfile.ZipFile(archive)
-    except (zipfile.BadZipFile, OSError) as err:
-        raise VolumeError(archive, f"not a readable zip archive ({err})") from None
-    total = 0
-    with zf:
-        members = [m for m in zf.infolist() if not m.is_dir()]
-        if len(members) > max_members:
-            raise VolumeError(archive, f"holds {len(members)} files; at most {max_members} are accepted")
-        if not members:
-            raise VolumeError(archive, "the zip archive is empty")
-        for member in members:
-            parts = PurePosixPath(member.filename.replace("\\", "/")).parts
-            if member.filename.startswith(("/", "\\")) or ".." in parts or (parts and ":" in parts[0]):
-                raise VolumeError(archive, f"unsafe path in the archive ({member.filename!r}); refusing to extract")
-            if stat.S_ISLNK(member.external_attr >> 16):
-                raise VolumeError(archive, f"the archive holds a symbolic link ({member.filename!r}); refusing to extract")
-            target = dest.joinpath(*parts)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                with zf.open(member) as src, open(target, "wb") as out:
-                    while chunk := src.read(_CHUNK):
-                        total += len(chunk)
-                        if total > max_bytes:
-                            raise VolumeError(archive, f"unzips to more than {max_bytes / 1024**2:.0f} MB; refusing to extract")
-                        out.write(chunk)
-            except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, RuntimeError, OSError) as err:
-                raise VolumeError(archive, f"cannot extract {member.filename!r} ({err})") from None
-    return dest
-
-
-def _volume_in(folder: Path) -> Path:
-    """What to read in an extracted archive: its single volume file, else the folder as a DICOM series."""
-    files = [p for p in folder.rglob("*") if p.is_file()]
-    volumes = [p for p in files if upload_suffix(p.name) in (".nii", ".nii.gz", ".nrrd", ".mha", ".npy")]
-    if len(volumes) == 1:
-        return volumes[0]
-    return folder
-
-
-@contextlib.contextmanager
-def readable_path(path: str | os.PathLike, max_bytes: int = MAX_UNZIPPED_BYTES) -> Iterator[Path]:
-    """`path` itself, or for a .zip the extracted series (in a temporary folder removed on exit)."""
-    path = Path(path)
-    if path.is_file() and upload_suffix(path.name) == ".zip":
-        with tempfile.TemporaryDirectory(prefix="med3dvlm-zip-") as tmp:
-            yield _volume_in(extract_zip(path, tmp, max_bytes=max_bytes))
-    else:
-        yield path
-
 
 # --------------------------------------------------------------------------------------------- results
 
 
-@dataclass
-class GenerationSettings:
-    """How text is generated. Greedy by default, so a result can be reproduced exactly."""
+# The settings `Med3DVLM.generate_text` takes: what a prediction records and a request may change.
+PREDICTION_SETTINGS = ("max_new_tokens", "do_sample", "temperature", "top_p", "seed")
 
-    max_new_tokens: int = 256
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float | None = None
-    seed: int | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+def prediction_settings(**values: Any) -> GenerationSettings:
+    """Settings for the predictor: greedy and not reseeded unless `values` say otherwise."""
+    unknown = set(values) - set(PREDICTION_SETTINGS)
+    if unknown:
+        raise TypeError(f"unknown generation settings: {', '.join(sorted(unknown))}")
+    return GenerationSettings(**{"seed": None, **values})
 
 
 @dataclass
@@ -190,7 +101,7 @@ class Predictor:
         self.model = model.eval()
         self.model_name = model_name
         self.spec = spec or PreprocessSpec.for_model(model.vision.config)
-        self.settings = settings or GenerationSettings()
+        self.settings = settings or prediction_settings()
         self.index = index
         # Generation seeds torch's global RNG and the model is not re-entrant: one request at a time.
         self._lock = threading.Lock()
@@ -205,17 +116,14 @@ class Predictor:
         device: str | None = None,
     ) -> Predictor:
         """Load a saved VLM folder, and a case index (with its contrastive model, or `clip_dir`) if given."""
-        from .hub import from_pretrained
-        from .models.vlm import Med3DVLM
+        from .hub import CONFIG_NAME
+        from .loading import load_for_inference, resolve_device
 
         model_dir = Path(model_dir)
-        if not (model_dir / "config.json").is_file():
+        if not (model_dir / CONFIG_NAME).is_file():
             raise FileNotFoundError(f"{model_dir}: no config.json; not a saved med3dvlm model folder")
-        model = from_pretrained(model_dir)
-        if not isinstance(model, Med3DVLM):
-            raise TypeError(f"{model_dir}: holds a {type(model).__name__}, not a vision-language model (Med3DVLM)")
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model.to(device)
+        device = resolve_device(device)
+        model = load_for_inference(model_dir, device, requires=("generate_text",), kind="a vision-language model (Med3DVLM)")
         index = None
         if index_dir is not None:
             from .search import CaseIndex
@@ -228,10 +136,10 @@ class Predictor:
         return self.index is not None
 
     def _settings(self, overrides: dict[str, Any]) -> GenerationSettings:
-        unknown = set(overrides) - set(GenerationSettings.__dataclass_fields__)
+        unknown = set(overrides) - set(PREDICTION_SETTINGS)
         if unknown:
             raise TypeError(f"unknown generation settings: {', '.join(sorted(unknown))}")
-        settings = replace(self.settings, **{k: v for k, v in overrides.items() if v is not None})
+        settings = self.settings.replace(**{k: v for k, v in overrides.items() if v is not None})
         if settings.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {settings.max_new_tokens}")
         return settings
@@ -305,7 +213,7 @@ class Predictor:
         batch = torch.stack([p.tensor for p in prepared]).to(device)
         start = time.perf_counter()
         with self._lock, torch.inference_mode():
-            texts = self.model.generate_text(batch, questions, **settings.to_dict())
+            texts = self.model.generate_text(batch, questions, **settings.to_dict(PREDICTION_SETTINGS))
         seconds = time.perf_counter() - start
         logger.info("generated %d answer(s) in %.2f s", len(texts), seconds)
         return [
@@ -315,7 +223,7 @@ class Predictor:
                 question=q,
                 text=t.strip(),
                 preprocessing=p.preprocessing,
-                generation=settings.to_dict(),
+                generation=settings.to_dict(PREDICTION_SETTINGS),
                 timings={"read_s": round(p.seconds, 4), "generate_s": round(seconds / len(prepared), 4)},
                 model=self.model_name,
             )
@@ -327,7 +235,7 @@ class Predictor:
         settings = self._settings(generation)
         device = self.model.llm.get_input_embeddings().weight.device
         with self._lock:
-            yield from self.model.stream_text(image.tensor.unsqueeze(0).to(device), question, **settings.to_dict())
+            yield from self.model.stream_text(image.tensor.unsqueeze(0).to(device), question, **settings.to_dict(PREDICTION_SETTINGS))
 
     # -- embeddings and search -----------------------------------------------------------------
     def _require_index(self) -> Any:
@@ -373,6 +281,6 @@ class Predictor:
             "model": self.model_name,
             "input_size": list(self.spec.size),
             "preprocess": self.spec.to_dict(),
-            "generation": self.settings.to_dict(),
+            "generation": self.settings.to_dict(PREDICTION_SETTINGS),
             "index": {"items": len(self.index), "has_text": bool(self.index.meta.get("has_text"))} if self.index else None,
         }

@@ -27,11 +27,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .data.readers import VOLUME_SUFFIXES, discover_volumes
+from .hub import write_json_atomic
+from .loading import load_contrastive
+
 logger = logging.getLogger(__name__)
 
 INDEX_JSON = "index.json"
 EMBEDDINGS = "embeddings.safetensors"
-VOLUME_SUFFIXES = (".npy", ".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
 _FAISS_MIN = 50_000  # below this a matrix product is as fast and needs no extra package
 
 
@@ -50,40 +53,6 @@ class Hit:
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
-
-
-def _load_model(model_dir: str | os.PathLike, device: str | None = None):
-    from .hub import from_pretrained
-    from .models.text import load_tokenizer
-
-    model = from_pretrained(model_dir)
-    if not hasattr(model, "encode_image"):
-        raise TypeError(f"{model_dir}: holds a {type(model).__name__}, not a contrastive image-text model")
-    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
-    try:
-        tokenizer = load_tokenizer(model_dir)
-    except (OSError, ValueError):
-        tokenizer = None  # image-only search still works
-    return model, tokenizer
-
-
-def _is_dicom_dir(path: Path) -> bool:
-    return path.is_dir() and any(p.suffix.lower() in (".dcm", ".dicom", ".ima") for p in path.iterdir())
-
-
-def discover_volumes(folder: str | os.PathLike) -> list[Path]:
-    """Volume files (npy, NIfTI, NRRD, MHA) and DICOM series folders under `folder`, sorted."""
-    folder = Path(folder)
-    found: list[Path] = []
-    for path in sorted(folder.rglob("*")):
-        name = path.name.lower()
-        if path.is_file() and name.endswith(VOLUME_SUFFIXES) and not name.endswith(".dcm"):
-            found.append(path)
-        elif _is_dicom_dir(path):
-            found.append(path)
-    if _is_dicom_dir(folder):
-        found.insert(0, folder)
-    return found
 
 
 def load_query_image(path: str | os.PathLike, model: Any) -> torch.Tensor:
@@ -132,7 +101,7 @@ def build_index(
     """
     from safetensors.torch import save_file
 
-    model, tokenizer = _load_model(model_dir, device)
+    model, tokenizer = load_contrastive(model_dir, device, require_tokenizer=False)
     source = Path(source)
     records: list[dict[str, Any]] = []
     if source.is_file() and source.suffix == ".json":
@@ -182,9 +151,7 @@ def build_index(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "items": records,
     }
-    tmp = out / (INDEX_JSON + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=1))
-    os.replace(tmp, out / INDEX_JSON)  # the JSON last: an index without it is visibly incomplete
+    write_json_atomic(out / INDEX_JSON, meta, indent=1)  # the JSON last: an index without it is visibly incomplete
     logger.info("indexed %d scans from %s in %.1f s", len(records), source, time.perf_counter() - t0)
     return {"index": str(out), "count": len(records), "has_text": meta["has_text"], "seconds": round(time.perf_counter() - t0, 1)}
 
@@ -237,7 +204,7 @@ class CaseIndex:
         self.embeddings = {k: F.normalize(v.float(), dim=-1) for k, v in load_file(str(emb_path)).items()}
         if self.embeddings["image"].shape[0] != len(self.meta["items"]):
             raise SearchIndexError(f"{emb_path}: {self.embeddings['image'].shape[0]} embeddings for {len(self.meta['items'])} items in {INDEX_JSON}")
-        self.model, self.tokenizer = _load_model(model_dir or self.meta["model_dir"], device)
+        self.model, self.tokenizer = load_contrastive(model_dir or self.meta["model_dir"], device, require_tokenizer=False)
 
     def __len__(self) -> int:
         return len(self.meta["items"])

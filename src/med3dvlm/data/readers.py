@@ -11,8 +11,8 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, fields
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pydicom
@@ -26,6 +26,8 @@ logger = logging.getLogger(__name__)
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd", ".nii", ".nii.gz", ".img", ".hdr", ".vtk")
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")
+# The volume files that `discover_volumes` lists (single DICOM slices are found as their series folder).
+VOLUME_SUFFIXES = (".npy", ".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd", ".dcm")
 
 
 @dataclass
@@ -41,19 +43,33 @@ class DicomSeries:
     files: list[Path]
 
     def to_dict(self) -> dict[str, object]:
-        return {
-            "uid": self.uid,
-            "description": self.description,
-            "modality": self.modality,
-            "num_files": self.num_files,
-            "rows": self.rows,
-            "columns": self.columns,
-        }
+        """Everything but the file list (it can be thousands of paths)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "files"}
 
 
-def _suffix(path: Path) -> str:
-    name = path.name.lower()
-    return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
+def file_suffix(name: str | os.PathLike) -> str:
+    """The file type of a name or path (".nii.gz" counts as one suffix), lower case; "" when none."""
+    lower = str(name).lower()
+    return ".nii.gz" if lower.endswith(".nii.gz") else PurePosixPath(lower).suffix
+
+
+def _is_dicom_dir(path: Path) -> bool:
+    return path.is_dir() and any(p.suffix.lower() in DICOM_SUFFIXES for p in path.iterdir())
+
+
+def discover_volumes(folder: str | os.PathLike) -> list[Path]:
+    """Volume files (npy, NIfTI, NRRD, MHA) and DICOM series folders under `folder`, sorted."""
+    folder = Path(folder)
+    found: list[Path] = []
+    for path in sorted(folder.rglob("*")):
+        name = path.name.lower()
+        if path.is_file() and name.endswith(VOLUME_SUFFIXES) and not name.endswith(".dcm"):
+            found.append(path)
+        elif _is_dicom_dir(path):
+            found.append(path)
+    if _is_dicom_dir(folder):
+        found.insert(0, folder)
+    return found
 
 
 def load_volume(path: str | os.PathLike, series_uid: str | None = None) -> Volume:
@@ -74,7 +90,7 @@ def load_volume(path: str | os.PathLike, series_uid: str | None = None) -> Volum
     else:
         if path.stat().st_size == 0:
             raise VolumeError(path, "the file is empty (0 bytes)")
-        suffix = _suffix(path)
+        suffix = file_suffix(path.name)
         if suffix == ".npy":
             volume = read_npy(path)
         elif suffix in DICOM_SUFFIXES or (suffix not in ITK_SUFFIXES and _is_dicom(path)):
@@ -99,6 +115,11 @@ def check_finite(volume: Volume) -> None:
 def _squeeze_to_3d(array: np.ndarray, source: Path) -> np.ndarray:
     if array.ndim == 4 and array.shape[0] == 1:  # (1, D, H, W) as the M3D .npy files store it
         array = array[0]
+    return _require_3d(array, source)
+
+
+def _require_3d(array: np.ndarray, source: Path) -> np.ndarray:
+    """`array` if it is a 3D volume, else a `VolumeError` saying what it is instead."""
     if array.ndim == 2:
         raise VolumeError(source, f"a 2D image of shape {array.shape}, not a 3D volume")
     if array.ndim != 3:
@@ -140,7 +161,7 @@ def read_itk(path: Path) -> Volume:
     if min(img.GetSize()) < 2:
         raise VolumeError(path, f"size {img.GetSize()} has a singleton axis; this is a 2D image, not a 3D volume")
     modality = _itk_modality(img)
-    return Volume.from_sitk(img, modality=modality, source=str(path), format=_suffix(path).lstrip("."))
+    return Volume.from_sitk(img, modality=modality, source=str(path), format=file_suffix(path.name).lstrip("."))
 
 
 def _itk_reason(err: RuntimeError) -> str:
@@ -177,12 +198,7 @@ def read_nifti(path: Path) -> Volume:
         raise VolumeError(path, f"not a readable NIfTI file ({reason})") from None
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
-    if data.ndim == 2:
-        raise VolumeError(path, f"a 2D image of shape {data.shape}, not a 3D volume")
-    if data.ndim != 3:
-        raise VolumeError(path, f"a {data.ndim}D image of shape {data.shape}; only 3D volumes are supported")
-    if min(data.shape) < 2:
-        raise VolumeError(path, f"shape {data.shape} has a singleton axis; this is a 2D image, not a 3D volume")
+    data = _require_3d(data, path)
     affine = nii.affine.copy()
     affine[:2] *= -1  # RAS (NIfTI) -> LPS (ITK)
     columns = affine[:3, :3]
@@ -198,7 +214,7 @@ def read_nifti(path: Path) -> Volume:
         origin=tuple(float(o) for o in affine[:3, 3]),  # type: ignore[arg-type]
         direction=tuple(float(d) for d in direction.ravel()),
         source=str(path),
-        meta={"format": _suffix(path).lstrip(".")},
+        meta={"format": file_suffix(path.name).lstrip(".")},
     )
 
 

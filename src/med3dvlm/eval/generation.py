@@ -21,13 +21,14 @@ import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from ..generation import GenerationSettings
 from ..metrics.nlg import (
     METRIC_LABELS,
     PAPER_METRICS,
@@ -43,39 +44,18 @@ from ..metrics.vqa import QUESTION_TYPE_NAMES, closed_vqa_metrics, open_vqa_by_t
 logger = logging.getLogger(__name__)
 
 PAPER_REPORT_LIMIT = 1000  # the original evaluates the first 1000 test reports
+EVAL_SEED = 42  # the seed of evaluation runs that name none (the CLI's --seed default too)
 EXTRA_METRICS = ("bleu4_corpus", "rougeL")
 
 
-@dataclass
-class GenerationSettings:
-    """Decoding settings; `paper()` gives the original's sampling at temperature 1.0."""
+def with_eval_seed(settings: GenerationSettings | None) -> GenerationSettings:
+    """`settings` (default ones when None) with `EVAL_SEED` where no seed is given.
 
-    max_new_tokens: int = 256
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_p: float | None = None
-    top_k: int | None = None
-    repetition_penalty: float | None = None  # None: whatever the LLM's generation_config says
-    seed: int = 42  # seeds torch before generating (matters only when sampling)
-    batch_size: int = 4
-
-    @classmethod
-    def paper(cls, **overrides: Any) -> GenerationSettings:
-        """`generate(max_new_tokens=256, do_sample=True, top_p=None, temperature=1.0)` as the eval scripts ran it."""
-        return cls(**{"do_sample": True, "temperature": 1.0, "top_p": None, **overrides})
-
-    def generate_kwargs(self) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample, "num_beams": 1}
-        if self.do_sample:
-            kwargs["temperature"] = self.temperature
-            # top_p=None in the original leaves the model's default; stated explicitly only when given
-            if self.top_p is not None:
-                kwargs["top_p"] = self.top_p
-            if self.top_k is not None:
-                kwargs["top_k"] = self.top_k
-        if self.repetition_penalty is not None:
-            kwargs["repetition_penalty"] = self.repetition_penalty
-        return kwargs
+    Evaluation always seeds: the seed picks each item's caption prompt and makes sampled runs repeatable.
+    """
+    if settings is None:
+        settings = GenerationSettings()
+    return settings if settings.seed is not None else settings.replace(seed=EVAL_SEED)
 
 
 def effective_generation_config(model: Any, settings: GenerationSettings) -> dict[str, Any]:
@@ -127,6 +107,7 @@ def generate_answers(
 
     if model.processor is None:
         raise ValueError("the model has no tokenizer/processor; load a saved VLM folder")
+    settings = with_eval_seed(settings)
     model.eval()
     device = next(model.parameters()).device
     dtype = next(model.vision.parameters()).dtype
@@ -166,7 +147,7 @@ def evaluate_reports(
     """Generate reports for the first `limit` items of a split and score them; returns (rows, summary)."""
     from ..data.datasets import CaptionDataset
 
-    settings = settings or GenerationSettings()
+    settings = with_eval_seed(settings)
     if bertscore:
         resolve_bertscore_model(bertscore_model)  # fail before generating, not after
     size = tuple(model.vision.config.input_size)
@@ -211,7 +192,7 @@ def evaluate_vqa(
     """Closed- and/or open-ended VQA over a M3D-VQA CSV (its first `limit` rows); returns (rows, summary)."""
     from ..data.datasets import VQADataset
 
-    settings = settings or GenerationSettings()
+    settings = with_eval_seed(settings)
     if bertscore:
         resolve_bertscore_model(bertscore_model)  # fail before generating, not after
     size = tuple(model.vision.config.input_size)
@@ -383,9 +364,6 @@ def write_outputs(rows: Sequence[Mapping[str, Any]], summary: dict[str, Any], ou
 
 def load_model(model_dir: str | os.PathLike, device: str | None = None) -> Any:
     """A saved VLM folder (ours, LoRA or merged) on `device` (default: cuda if available), in eval mode."""
-    from ..hub import from_pretrained
+    from ..loading import load_for_inference
 
-    model = from_pretrained(model_dir)
-    if not hasattr(model, "generate") or getattr(model, "processor", None) is None:
-        raise TypeError(f"{model_dir}: holds a {type(model).__name__}, not a VLM with its tokenizer")
-    return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
+    return load_for_inference(model_dir, device, requires=("generate", "processor"), kind="a VLM with its tokenizer")

@@ -14,7 +14,6 @@ Outputs: ``retrieval.json``, ``retrieval.md`` (one table per split) and ``recall
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -25,6 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..hub import write_json_atomic
 from ..metrics.retrieval import retrieval_metrics_by_size
 
 logger = logging.getLogger(__name__)
@@ -48,12 +48,12 @@ def embed_pairs(
     """
     from tqdm.auto import tqdm
 
-    from ..train.clip import ImageTextCollate, max_text_length
+    from ..data.collate import ImageTextCollate
 
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    collate = ImageTextCollate(tokenizer, max_text_length(model))
+    collate = ImageTextCollate(tokenizer, model.text_length)
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
     images, texts = [], []
     for batch in tqdm(loader, desc="embed pairs", unit="batch", disable=not progress):
@@ -81,14 +81,14 @@ def evaluate_retrieval(
     When no size fits (a small split), all pairs are used, so there is always one result.
     Returns {"cap_json", "split", "pairs", "by_size": {N: {"IR@1": .., "TR@1": .., ...}}, "chance": {N: {k: k/N}}}.
     """
+    from ..data.collate import TokenCounter
     from ..data.datasets import ImageReportDataset
-    from ..train.clip import TokenCounter, max_text_length
 
     size = tuple(image_size) if image_size is not None else tuple(model.config.input_size)
     largest = max(sizes) if sizes else 0
     dataset = ImageReportDataset(
         cap_json, split=split, root=root, size=size, train=False,  # type: ignore[arg-type]
-        max_tokens=max_text_length(model), count_tokens=TokenCounter(tokenizer),
+        max_tokens=model.text_length, count_tokens=TokenCounter(tokenizer),
     )
     total = len(dataset)
     if total == 0:
@@ -126,17 +126,9 @@ def evaluate_checkpoint(
     device: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Load a saved Contrastive3D (with its tokenizer) and evaluate it on each named M3D_Cap.json."""
-    from ..hub import from_pretrained
-    from ..models.text import load_tokenizer
+    from ..loading import load_contrastive
 
-    model = from_pretrained(model_dir)
-    if not hasattr(model, "encode_image") or not hasattr(model, "encode_text"):
-        raise TypeError(f"{model_dir}: holds a {type(model).__name__}, not a contrastive image-text model")
-    model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    try:
-        tokenizer = load_tokenizer(model_dir)
-    except (OSError, ValueError) as err:
-        raise FileNotFoundError(f"{model_dir}: no tokenizer saved with the model ({err})") from None
+    model, tokenizer = load_contrastive(model_dir, device, require_tokenizer=True)
     return {
         name: evaluate_retrieval(model, tokenizer, path, split=split, sizes=sizes, batch_size=batch_size, num_workers=num_workers)
         for name, path in datasets.items()
@@ -190,9 +182,7 @@ def write_retrieval_report(results: Mapping[str, Mapping[str, Any]], out_dir: st
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "retrieval.json", "markdown": out / "retrieval.md", "plot": out / "recall_at_k.png"}
-    tmp = paths["json"].with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, paths["json"])
+    write_json_atomic(paths["json"], results)
     paths["markdown"].write_text("# Image-text retrieval (recall@K, %)\n\n" + markdown_table(results))
     plot_recall(results, paths["plot"])
     return {k: str(v) for k, v in paths.items()}
