@@ -8,12 +8,12 @@ from typing import Optional
 
 import typer
 
-from . import app
+from .root import fail, root
 
 log = logging.getLogger(__name__)
 
 
-@app.command()
+@root.command()
 def convert(
     source: Path = typer.Argument(..., help="Original weights: .bin/.pt/.pth (read with weights_only=True) or .safetensors."),
     out: Path = typer.Option(..., "--out", "-o", help="Directory for the med3dvlm checkpoint."),
@@ -29,7 +29,6 @@ def convert(
         state_dict = load_state_dict(source)
         model = convert_dcformer_checkpoint(state_dict, prefix=prefix)
     except (OSError, ValueError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(1) from None
+        fail(str(err))
     model.save_pretrained(out)
     typer.echo(f"wrote {out} ({model.num_parameters():,} parameters, stages {list(model.config.dims)})")

@@ -9,15 +9,10 @@ from typing import Optional
 
 import typer
 
-from . import app
+from .root import error_message, fail, root
 
 data_app = typer.Typer(help="Read, inspect and prepare CT volumes and the M3D datasets.", no_args_is_help=True)
-app.add_typer(data_app, name="data")
-
-
-def _fail(message: str, code: int = 1) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
+root.add_typer(data_app, name="data")
 
 
 def _spec_from_options(
@@ -71,12 +66,12 @@ def inspect(
     try:
         spec = _spec_from_options(model, window, hu_range, intensity, size, spacing, no_crop)
     except (KeyError, ValueError) as err:
-        _fail(str(err.args[0] if err.args else err), 2)
+        fail(error_message(err), 2)
     if path.is_dir() and series is None:
         try:
             found = list_series(path)
         except VolumeError as err:
-            _fail(str(err))
+            fail(str(err))
         if len(found) > 1:
             if as_json:
                 typer.echo(json.dumps({"path": str(path), "series": [s.to_dict() for s in found]}, indent=2))
@@ -84,7 +79,7 @@ def inspect(
                 typer.echo(f"{path} holds {len(found)} DICOM series:")
                 for s in found:
                     typer.echo(f"  {s.uid}  {s.modality:<4} {s.num_files:>4} files  {s.rows}x{s.columns}  {s.description}")
-            _fail("several series; choose one with --series UID", 2)
+            fail("several series; choose one with --series UID", 2)
     try:
         volume = load_volume(path, series_uid=series)
         with warnings.catch_warnings():
@@ -92,7 +87,7 @@ def inspect(
             warnings.simplefilter("ignore")
             _, report = preprocess_with_report(volume, spec)
     except VolumeError as err:
-        _fail(str(err))
+        fail(str(err))
     payload = {"read": report.input, "spec": spec.to_dict(), "steps": report.steps, "output": report.output, "warnings": report.warnings}
     if as_json:
         typer.echo(json.dumps(payload, indent=2, default=str))
@@ -123,7 +118,7 @@ def phantom(
     from ..data.phantom import write_phantom_dataset
 
     if n < 1:
-        _fail("--n must be at least 1", 2)
+        fail("--n must be at least 1", 2)
     summary = write_phantom_dataset(out, n=n, seed=seed, size=size, dtype=dtype, write_hu=hu, workers=workers)
     typer.echo(json.dumps(summary, indent=2))
 
@@ -148,7 +143,7 @@ def prepare_m3d_cap(
     try:
         summary = run(src, out, size=size, dtype=dtype, workers=workers, resume=resume, split=split, paper_json=paper_json, seed=seed)
     except (VolumeError, DatasetFormatError, ValueError) as err:
-        _fail(str(err))
+        fail(str(err))
     typer.echo(json.dumps(summary, indent=2))
     if summary["failed"] or summary["flagged"]:
         typer.echo(f"warning: {summary['failed']} failed and {summary['flagged']} flagged series; see {summary['log']}", err=True)
@@ -168,7 +163,7 @@ def split(
     try:
         original = read_cap_json(cap_json)
     except DatasetFormatError as err:
-        _fail(str(err))
+        fail(str(err))
     leaks = find_leakage(original)
     items = list({it["image"]: it for s in CAP_SPLITS for it in original[s]}.values())
     splits = case_level_split(items, fractions=fractions, seed=seed)

@@ -8,15 +8,10 @@ from typing import Optional
 
 import typer
 
-from . import app
+from .root import error_message, fail, root
 
 eval_app = typer.Typer(help="Evaluate trained models.", no_args_is_help=True)
-app.add_typer(eval_app, name="eval")
-
-
-def _fail(message: str, code: int = 1) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
+root.add_typer(eval_app, name="eval")
 
 
 def _named(entries: list[str]) -> dict[str, Path]:
@@ -26,7 +21,7 @@ def _named(entries: list[str]) -> dict[str, Path]:
         if not sep:
             name, path = Path(entry).stem if len(entries) > 1 else "test", entry
         if name in out:
-            _fail(f"--data name {name!r} given twice; use NAME=PATH", 2)
+            fail(f"--data name {name!r} given twice; use NAME=PATH", 2)
         out[name] = Path(path)
     return out
 
@@ -56,7 +51,7 @@ def retrieval(
             batch_size=batch_size, num_workers=workers, device=device,
         )
     except (DatasetFormatError, FileNotFoundError, KeyError, TypeError, ValueError) as err:
-        _fail(str(err.args[0] if err.args else err))
+        fail(error_message(err))
     paths = write_retrieval_report(results, out)
     typer.echo(markdown_table(results))
     typer.echo(json.dumps(paths, indent=2))

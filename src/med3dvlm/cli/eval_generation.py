@@ -8,7 +8,8 @@ from typing import Any, Optional
 
 import typer
 
-from .eval import _fail, eval_app
+from .eval import eval_app
+from .root import error_message, fail
 
 _MODES = {"both": ("closed", "open"), "closed": ("closed",), "open": ("open",)}
 
@@ -65,7 +66,7 @@ def _run(kind: str, model: Path, out: Path, name: Optional[str], device: Optiona
         vlm = load_model(model, device)
         rows, summary = (evaluate_reports if kind == "report" else evaluate_vqa)(vlm, **kwargs)
     except (DatasetFormatError, FileNotFoundError, KeyError, TypeError, ValueError) as err:
-        _fail(str(err.args[0] if err.args else err))
+        fail(error_message(err))
     summary["model"] = str(model)
     paths = write_outputs(rows, summary, out, name or model.name)
     typer.echo(Path(paths["tables"]).read_text())
@@ -105,7 +106,7 @@ def vqa(
 ) -> None:
     """VQA: closed-ended accuracy per question type (Table 3), open-ended text metrics per type (Table 4)."""
     if mode not in _MODES:
-        _fail(f"--mode must be one of {', '.join(_MODES)}, got {mode!r}", 2)
+        fail(f"--mode must be one of {', '.join(_MODES)}, got {mode!r}", 2)
     settings = _settings(paper_sampling, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, batch_size)
     bert, bert_model = _bertscore_model(no_bertscore, bertscore_model)
     _run("vqa", model, out, name, device, threads, vqa_csv=data, modes=_MODES[mode], limit=limit, settings=settings,

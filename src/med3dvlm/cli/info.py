@@ -7,10 +7,10 @@ from typing import Optional
 
 import typer
 
-from . import app
+from .root import error_message, fail, root
 
 
-@app.command()
+@root.command()
 def info(
     name: Optional[str] = typer.Argument(None, help="Registered model name (see `med3dvlm info` for all)."),
     input: Optional[tuple[int, int, int]] = typer.Option(None, "--input", help="Input size D H W; default: the model's own."),
@@ -21,16 +21,15 @@ def info(
 
     Without NAME, summarise every registered model at its own input size.
     """
-    from ..profiling import format_shape, summarize
+    from ..profiling import format_shape, profile_model
     from ..registry import list_models
 
     overrides = {"llm_dim": llm_dim} if llm_dim is not None else {}
     try:
         names = [name] if name else list_models()
-        summaries = [summarize(n, input, **overrides) for n in names]
+        summaries = [profile_model(n, input, **overrides) for n in names]
     except (KeyError, TypeError, ValueError) as err:
-        typer.echo(f"error: {err.args[0] if err.args else err}", err=True)
-        raise typer.Exit(2) from None
+        fail(error_message(err), 2)
     if as_json:
         payload = [s.to_dict() for s in summaries]
         typer.echo(json.dumps(payload[0] if name else payload, indent=2))

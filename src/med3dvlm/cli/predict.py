@@ -10,12 +10,7 @@ from typing import Any, Optional
 
 import typer
 
-from . import app
-
-
-def _fail(message: str, code: int = 1) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
+from .root import fail, root
 
 
 def batch_items(source: Path, question: Optional[str]) -> list[tuple[Path, Optional[str]]]:
@@ -23,7 +18,7 @@ def batch_items(source: Path, question: Optional[str]) -> list[tuple[Path, Optio
 
     CSV paths are relative to the CSV's folder; an empty question cell asks for the report.
     """
-    from ..search import discover_volumes
+    from ..data.readers import discover_volumes
 
     if source.is_dir():
         items = [(p, question) for p in discover_volumes(source) if not p.name.lower().endswith(".zip")]
@@ -48,7 +43,7 @@ def batch_items(source: Path, question: Optional[str]) -> list[tuple[Path, Optio
     return out
 
 
-@app.command()
+@root.command()
 def predict(
     model: Path = typer.Option(..., "--model", "-m", help="A saved VLM folder (stage 3 output_dir/model)."),
     image: Optional[Path] = typer.Option(None, "--image", "-i", help="A NIfTI/NRRD/MHA/.npy/DICOM file, a DICOM folder or a zip of one."),
@@ -69,27 +64,27 @@ def predict(
 ) -> None:
     """Generate a report (default) or answer --question for a scan, or for every scan of --batch."""
     from ..data.volume import VolumeError
-    from ..inference import GenerationSettings, Predictor
+    from ..inference import Predictor, prediction_settings
     from ..search import SearchIndexError
 
     if (image is None) == (batch is None):
-        _fail("give exactly one of --image PATH or --batch FOLDER_OR_CSV", 2)
+        fail("give exactly one of --image PATH or --batch FOLDER_OR_CSV", 2)
     if out is not None and batch is None:
-        _fail("--out is for --batch; a single result goes to stdout", 2)
+        fail("--out is for --batch; a single result goes to stdout", 2)
     if image is not None and not image.exists():
-        _fail(f"{image}: no such file or directory", 2)
-    settings = GenerationSettings(max_new_tokens, sample, temperature, top_p, seed)
+        fail(f"{image}: no such file or directory", 2)
+    settings = prediction_settings(max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, top_p=top_p, seed=seed)
     try:
         predictor = Predictor.from_dir(model, index_dir=index, settings=settings, device=device)
     except (FileNotFoundError, SearchIndexError, TypeError, ValueError, OSError) as err:
-        _fail(str(err))
+        fail(str(err))
     if image is not None:
         try:
             result = predictor.predict(image, question, series_uid=series).to_dict()
             if index is not None:
                 result["similar_cases"] = predictor.search(image, k=k)
         except VolumeError as err:
-            _fail(str(err))
+            fail(str(err))
         if as_json:
             typer.echo(json.dumps(result, indent=2))
         else:
@@ -108,11 +103,11 @@ def _run_batch(predictor: Any, source: Path, question: Optional[str], out: Optio
     from ..data.volume import VolumeError
 
     if not source.exists():
-        _fail(f"{source}: no such file or directory", 2)
+        fail(f"{source}: no such file or directory", 2)
     try:
         items = batch_items(source, question)
     except ValueError as err:
-        _fail(str(err), 2)
+        fail(str(err), 2)
     sink = open(out, "w", encoding="utf-8") if out is not None else sys.stdout
     failed = 0
     try:

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import typer
 
-from . import app
+from .root import root
 
 
-@app.command()
+@root.command()
 def quickstart(
     out: Path = typer.Option(Path("runs/quickstart"), "--out", "-o", help="Folder for everything it writes."),
     seed: int = typer.Option(0, help="Seed of the phantom data and of every training stage."),

@@ -8,15 +8,10 @@ from typing import Optional
 
 import typer
 
-from . import app
+from .root import error_message, fail, root
 
 index_app = typer.Typer(help="Build case-search indexes from a trained contrastive model.", no_args_is_help=True)
-app.add_typer(index_app, name="index")
-
-
-def _fail(message: str, code: int = 1) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
+root.add_typer(index_app, name="index")
 
 
 @index_app.command("build")
@@ -36,11 +31,11 @@ def build(
     try:
         summary = build_index(model, source, out, splits=splits, batch_size=batch_size, device=device)
     except (DatasetFormatError, VolumeError, FileNotFoundError, KeyError, TypeError, ValueError) as err:
-        _fail(str(err.args[0] if err.args else err))
+        fail(error_message(err))
     typer.echo(json.dumps(summary, indent=2))
 
 
-@app.command()
+@root.command()
 def search(
     index: Path = typer.Option(..., "--index", "-i", help="Index folder from `med3dvlm index build`."),
     image: Optional[Path] = typer.Option(None, "--image", help="Query scan: a volume file or DICOM folder."),
@@ -56,9 +51,9 @@ def search(
     from ..search import CaseIndex, SearchIndexError
 
     if (image is None) == (text is None):
-        _fail("give exactly one of --image PATH or --text '...'", 2)
+        fail("give exactly one of --image PATH or --text '...'", 2)
     if k < 1:
-        _fail("--k must be at least 1", 2)
+        fail("--k must be at least 1", 2)
     try:
         idx = CaseIndex(index, device=device)
         hits = (
@@ -67,7 +62,7 @@ def search(
             else idx.search_text(text or "", k, against, per_case=not per_series)
         )
     except (SearchIndexError, VolumeError, FileNotFoundError, TypeError, ValueError) as err:
-        _fail(str(err.args[0] if err.args else err))
+        fail(error_message(err))
     if as_json:
         typer.echo(json.dumps([h.to_dict() for h in hits], indent=2))
         return

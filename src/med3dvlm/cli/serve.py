@@ -7,22 +7,17 @@ from typing import Optional
 
 import typer
 
-from . import app
-
-
-def _fail(message: str, code: int = 1) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
+from .root import fail, root
 
 
 def _load(model: Path, index: Optional[Path], max_new_tokens: int, device: Optional[str]):
-    from ..inference import GenerationSettings, Predictor
+    from ..inference import Predictor, prediction_settings
     from ..search import SearchIndexError
 
     try:
-        return Predictor.from_dir(model, index_dir=index, settings=GenerationSettings(max_new_tokens=max_new_tokens), device=device)
+        return Predictor.from_dir(model, index_dir=index, settings=prediction_settings(max_new_tokens=max_new_tokens), device=device)
     except (FileNotFoundError, SearchIndexError, TypeError, ValueError, OSError) as err:
-        _fail(str(err))
+        fail(str(err))
 
 
 def _warn_if_public(host: str) -> None:
@@ -31,7 +26,7 @@ def _warn_if_public(host: str) -> None:
                    "not a medical device, and it has no authentication", err=True)
 
 
-@app.command()
+@root.command()
 def serve(
     model: Path = typer.Option(..., "--model", "-m", help="A saved VLM folder."),
     index: Optional[Path] = typer.Option(None, "--index", help="A case index (`med3dvlm index build`) for /embed and /search."),
@@ -52,7 +47,7 @@ def serve(
     uvicorn.run(create_app(predictor, max_upload_mb=max_upload_mb), host=host, port=port, access_log=False)
 
 
-@app.command("app")
+@root.command("app")
 def web_app(
     model: Path = typer.Option(..., "--model", "-m", help="A saved VLM folder."),
     index: Optional[Path] = typer.Option(None, "--index", help="A case index for similar cases."),

@@ -9,7 +9,7 @@ CPU version on the phantom dataset. Run it with
     accelerate launch --num_processes 8 $(which med3dvlm) train clip --config configs/clip_paper.yaml
 
 Outputs under ``train.output_dir``: ``checkpoints/`` (resumable), ``model/`` (the whole Contrastive3D with
-its tokenizer, `med3dvlm.hub.from_pretrained` loads it), ``vision/`` (the DCFormer encoder alone, the
+its tokenizer, `med3dvlm.from_pretrained` loads it), ``vision/`` (the DCFormer encoder alone, the
 starting point of stage 2, like the original's ``pretrained_ViT.bin``), ``logs/`` (TensorBoard),
 ``metrics.jsonl`` and, when the recipe has an ``eval`` split, ``eval/`` (retrieval recall@K).
 """
@@ -26,13 +26,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..data.collate import ImageTextCollate, TokenCounter
 from .config import section_from_dict, to_plain
 from .engine import TrainConfig, Trainer, sample_indices, seed_everything
 
 logger = logging.getLogger(__name__)
-
-SECTIONS = ("model", "data", "loss", "train", "eval")
-
 
 @dataclass
 class ClipModelSection:
@@ -119,39 +117,9 @@ class ContrastiveTask(nn.Module):
         return logs
 
 
-class ImageTextCollate:
-    """Stack images and tokenize reports (padding to the longest, truncation to `max_length`).
-
-    A class rather than a closure so DataLoader workers can pickle it.
-    """
-
-    def __init__(self, tokenizer: Any, max_length: int) -> None:
-        self.tokenizer, self.max_length = tokenizer, max_length
-
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        tokens = self.tokenizer(
-            [it["text"] for it in items], max_length=self.max_length, truncation=True, padding=True, return_tensors="pt"
-        )
-        return {
-            "images": torch.stack([it["image"] for it in items]),
-            "input_ids": tokens["input_ids"],
-            "attention_mask": tokens["attention_mask"],
-        }
-
-
-class TokenCounter:
-    """Token count of a string with the model's tokenizer (for the paper's report truncation)."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-
-    def __call__(self, text: str) -> int:
-        return len(self.tokenizer(text, add_special_tokens=True)["input_ids"])
-
-
-def build_model(section: ClipModelSection) -> nn.Module:
+def build_clip_model(section: ClipModelSection) -> nn.Module:
     """The Contrastive3D to train: a saved folder (`init_from`) or a registered name with overrides."""
-    from ..hub import from_pretrained
+    from ..loading import from_pretrained
     from ..models.clip import Contrastive3D
     from ..registry import create_model, get_config
 
@@ -182,11 +150,6 @@ def load_model_tokenizer(section: ClipModelSection, model: nn.Module) -> Any:
         raise FileNotFoundError(f"{source}: no tokenizer could be loaded ({err}); set model.tokenizer in the recipe") from None
 
 
-def max_text_length(model: nn.Module) -> int:
-    limit = model.config.max_text_length
-    return min(limit, model.text.max_positions) if model.text.max_positions else limit
-
-
 def build_dataset(section: ClipDataSection, image_size: tuple[int, int, int], tokenizer: Any, max_tokens: int, seed: int):
     from torch.utils.data import Subset
 
@@ -212,10 +175,10 @@ def main(recipe: dict[str, Any], resume: bool | str | os.PathLike = False) -> di
     """Run stage 1 from a recipe dict (see `load_recipe`); returns a summary (paths, steps, metrics)."""
     cfg = ClipRecipe.from_dict(recipe)
     seed_everything(cfg.train.seed)  # before anything random is built: weights, projections, data order
-    model = build_model(cfg.model)
+    model = build_clip_model(cfg.model)
     tokenizer = load_model_tokenizer(cfg.model, model)
     image_size = tuple(cfg.data.image_size or model.config.input_size)
-    text_len = max_text_length(model)
+    text_len = model.text_length
     dataset = build_dataset(cfg.data, image_size, tokenizer, text_len, cfg.train.seed)  # type: ignore[arg-type]
     loss = model.loss_fn(**_loss_kwargs(cfg.loss, model.config.loss))
     task = ContrastiveTask(model, loss, cfg.model.text_lr_scale)
@@ -269,8 +232,3 @@ def _evaluate(cfg: ClipRecipe, model: nn.Module, tokenizer: Any, image_size: tup
     write_retrieval_report({cfg.eval.split or "test": result}, out)
     return result
 
-
-if __name__ == "__main__":  # `accelerate launch -m med3dvlm.train.clip --config FILE` also works
-    from ..cli import main as cli_main
-
-    raise SystemExit(cli_main(["train", "clip", *__import__("sys").argv[1:]]))
