@@ -84,16 +84,6 @@ class OrigModel(nn.Module):
         return self.encoder(x)
 
 
-def _randomized(model):
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm3d):
-            m.running_mean.normal_(0, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.normal_(0, 0.2)
-    return model.eval()
-
-
 class OrigMultiModalProjector(nn.Module):
     def __init__(self, cin, cout):
         super().__init__()

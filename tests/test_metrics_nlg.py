@@ -130,16 +130,22 @@ def test_meteor_tokenize_matches_word_tokenize_per_sentence():
     assert "kidney." not in nlg.meteor_tokenize(text)
 
 
-def test_bertscore_equals_bert_score_with_local_model():
+@pytest.fixture
+def minilm_model():
+    """The embedded all-MiniLM-L6-v2 folder, for BERTScore without a download; skips without bert_score or the wheel."""
     pytest.importorskip("bert_score")
-    from bert_score import BERTScorer
-
     from med3dvlm.models.text import minilm_dir
 
     try:
-        model = minilm_dir()
+        return minilm_dir()
     except FileNotFoundError:
         pytest.skip("all-MiniLM-L6-v2 wheel not installed")
+
+
+def test_bertscore_equals_bert_score_with_local_model(minilm_model):
+    from bert_score import BERTScorer
+
+    model = minilm_model
     got = nlg.bertscore_f1(PREDS[:4], REFS[:4], model=model)
     assert got["num_layers"] == 6 and got["model"] == str(model)
     _, _, f1 = BERTScorer(model_type=str(model), num_layers=6, lang="en").score(PREDS[:4], REFS[:4])
@@ -178,13 +184,6 @@ def test_nlg_metrics_strips_and_reports_settings():
         nlg.nlg_metrics(["a", "b"], ["a"], bertscore=False)
 
 
-def test_bertscore_of_an_empty_prediction_is_zero():
-    pytest.importorskip("bert_score")
-    from med3dvlm.models.text import minilm_dir
-
-    try:
-        model = minilm_dir()
-    except FileNotFoundError:
-        pytest.skip("all-MiniLM-L6-v2 wheel not installed")
-    got = nlg.bertscore_f1(["", PREDS[0]], [REFS[0], REFS[0]], model=model)
+def test_bertscore_of_an_empty_prediction_is_zero(minilm_model):
+    got = nlg.bertscore_f1(["", PREDS[0]], [REFS[0], REFS[0]], model=minilm_model)
     assert got["f1"][0] == 0.0 and got["f1"][1] > 0.5

@@ -255,7 +255,27 @@ def sigmoid_block_loss(
     return _sigmoid_terms(logits, rows, cols)
 
 
-class SigLipLoss(nn.Module):
+class ContrastiveLoss(nn.Module):
+    """The contract of the contrastive losses: features, scale and bias in, a scalar out.
+
+    `forward` checks that the pair fits; each loss implements `pair_loss` on the checked pair.
+    """
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        _check_pair(image_features, text_features)
+        return self.pair_loss(image_features, text_features, logit_scale, logit_bias)
+
+    def pair_loss(self, image_features, text_features, logit_scale, logit_bias) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class SigLipLoss(ContrastiveLoss):
     """Pairwise sigmoid loss (Med3DVLM eq. 5), averaged over the global batch.
 
     forward(image_features (B, D), text_features (B, D), logit_scale t, logit_bias b) -> scalar.
@@ -288,14 +308,7 @@ class SigLipLoss(nn.Module):
         self.symmetric_logits = symmetric_logits
         self.group = group
 
-    def forward(
-        self,
-        image_features: torch.Tensor,
-        text_features: torch.Tensor,
-        logit_scale: torch.Tensor,
-        logit_bias: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        _check_pair(image_features, text_features)
+    def pair_loss(self, image_features, text_features, logit_scale, logit_bias) -> torch.Tensor:
         rank, world_size = _world(self.group)
         batch = image_features.shape[0]
         if self.symmetric_logits:
@@ -332,7 +345,7 @@ class SigLipLoss(nn.Module):
 # CLIP
 
 
-class ClipLoss(nn.Module):
+class ClipLoss(ContrastiveLoss):
     """Symmetric InfoNCE: (CE(images -> texts) + CE(texts -> images)) / 2 over logits exp(s) * x . y.
 
     forward(image_features (B, D), text_features (B, D), logit_scale exp(s)) -> scalar. Under
@@ -344,14 +357,7 @@ class ClipLoss(nn.Module):
         super().__init__()
         self.group = group
 
-    def forward(
-        self,
-        image_features: torch.Tensor,
-        text_features: torch.Tensor,
-        logit_scale: torch.Tensor,
-        logit_bias: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        _check_pair(image_features, text_features)
+    def pair_loss(self, image_features, text_features, logit_scale, logit_bias) -> torch.Tensor:
         rank, _ = _world(self.group)
         all_image = all_gather_with_grad(image_features, self.group)
         all_text = all_gather_with_grad(text_features, self.group)

@@ -36,12 +36,16 @@ def register_model(fn: F) -> F:
 
 
 def register_family(config_class: type[ModelConfig]) -> Callable[[M], M]:
-    """Class decorator tying a model class to its config class (and so to `config.model_type`)."""
+    """Class decorator tying a model class to its config class (and so to `config.model_type`).
+
+    It also sets the class's `config_class`, which `PretrainedModel` checks configs against.
+    """
 
     def wrap(model_class: M) -> M:
         key = config_class.model_type
         if not key:
             raise ValueError(f"{config_class.__name__} has no model_type")
+        model_class.config_class = config_class  # type: ignore[attr-defined]
         _MODEL_CLASSES[key] = model_class
         _CONFIG_CLASSES[key] = config_class
         return model_class

@@ -18,10 +18,11 @@ from typing import Any
 
 import numpy as np
 
+from ..data.m3d import QUESTION_TYPES
 from .nlg import bootstrap_ci
 
-QUESTION_TYPE_NAMES = {1: "Plane", 2: "Phase", 3: "Organ", 4: "Abnormality", 5: "Location"}
-LETTERS = ("A", "B", "C", "D")
+# The M3D-VQA question types, by the number the CSV uses (one table, in data.m3d).
+QUESTION_TYPE_NAMES = QUESTION_TYPES
 
 # A choice letter at the very start, alone or followed by punctuation: "B", "B.", "(B)", "B)", "B:", "B. liver".
 # Not "A lesion ...": a capital A followed by a space is the article.

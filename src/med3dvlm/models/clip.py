@@ -29,9 +29,9 @@ from ..hub import PretrainedModel
 from ..registry import build_from_config, get_config, register_family, register_model
 from .text import TextTower, hf_config_dict, minilm_dir
 
-# Initial (t', b): the original Med3DVLM code, and the SigLIP paper (Zhai et al. 2023) as an option.
+# Initial (t', b) of the original Med3DVLM code. (The SigLIP paper's (log 10, -10) is set per recipe
+# through init_logit_scale / init_logit_bias.)
 MED3DVLM_INIT = (math.log(1 / 0.07), 0.0)
-SIGLIP_PAPER_INIT = (math.log(10.0), -10.0)
 
 
 @dataclass
@@ -83,8 +83,6 @@ class Contrastive3D(PretrainedModel):
     (B, embed_dim, unit norm), `logit_scale` (t = exp(t')) and `logit_bias` (b, or None for CLIP), ready for
     `self.loss_fn()`.
     """
-
-    config_class = ContrastiveConfig
 
     def __init__(self, config: ContrastiveConfig) -> None:
         super().__init__(config)

@@ -103,16 +103,13 @@ class Stage(nn.Module):
 class DCFormer(PretrainedModel):
     """DCFormer encoder. `forward` returns the tokens of the stem and of every stage."""
 
-    config_class = DCFormerConfig
-
     def __init__(self, config: DCFormerConfig) -> None:
         super().__init__(config)
-        c = config
-        self.stem = DecomposedStem(c.in_channels, c.stem_channels, c.stem_kernel_size, c.stem_stride)
-        widths = (c.stem_channels, *c.dims)
+        self.stem = DecomposedStem(config.in_channels, config.stem_channels, config.stem_kernel_size, config.stem_stride)
+        widths = (config.stem_channels, *config.dims)
         self.stages = nn.ModuleList(
-            Stage(widths[i], c.dims[i], c.depths[i], c.kernel_sizes[i], c.mlp_ratio, c.layer_scale_init)
-            for i in range(len(c.dims))
+            Stage(widths[i], dim, config.depths[i], config.kernel_sizes[i], config.mlp_ratio, config.layer_scale_init)
+            for i, dim in enumerate(config.dims)
         )
 
     @property

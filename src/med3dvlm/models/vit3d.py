@@ -46,7 +46,6 @@ class ViT3D(PretrainedModel):
     """`forward` returns one output: the final tokens (B, 1 + N, C), the cls token first, then the
     patches in depth-major order."""
 
-    config_class = ViT3DConfig
     num_prefix_tokens = 1
 
     def __init__(self, config: ViT3DConfig) -> None:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..data.collate import ImageTextCollate, TokenCounter
-from .config import section_from_dict, to_plain
+from .config import Recipe, to_plain
 from .engine import TrainConfig, Trainer, sample_indices, seed_everything
 
 logger = logging.getLogger(__name__)
@@ -69,18 +69,12 @@ class ClipEvalSection:
 
 
 @dataclass
-class ClipRecipe:
+class ClipRecipe(Recipe):
     model: ClipModelSection = field(default_factory=ClipModelSection)
     data: ClipDataSection = field(default_factory=ClipDataSection)
     loss: ClipLossSection = field(default_factory=ClipLossSection)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: ClipEvalSection = field(default_factory=ClipEvalSection)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ClipRecipe:
-        source = data.get("_source", "recipe")
-        sections = {k: v for k, v in data.items() if not k.startswith("_")}
-        return section_from_dict(cls, sections, where=str(source))
 
 
 class ContrastiveTask(nn.Module):

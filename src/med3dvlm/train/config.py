@@ -142,3 +142,15 @@ def _deepcopy(data: Any) -> Any:
     if isinstance(data, list):
         return [_deepcopy(v) for v in data]
     return data
+
+
+class Recipe:
+    """Base of the stage recipes (dataclasses of sections): `from_dict` fills one from a loaded recipe dict.
+
+    Keys starting with "_" are bookkeeping of `load_recipe` (e.g. "_source", the file it came from), not sections.
+    """
+
+    @classmethod
+    def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+        source = data.get("_source", "recipe")
+        return section_from_dict(cls, {k: v for k, v in data.items() if not k.startswith("_")}, where=str(source))
