@@ -28,7 +28,8 @@ from torch import nn
 
 from ..data.collate import ImageTextCollate, TokenCounter
 from .config import Recipe, to_plain
-from .engine import TrainConfig, Trainer, sample_indices, seed_everything
+from .loop import TrainConfig, Trainer
+from .sampling import sample_indices, seed_everything
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ class ContrastiveTask(nn.Module):
         """The default decay/no-decay split, with the text tower's groups at `text_lr_scale` x lr."""
         if self.text_lr_scale == 1.0:
             return None
-        from .engine import default_param_groups
+        from .loop import default_param_groups
 
         groups = []
         # The main group first: the logged "train/lr" is the first group's.
