@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from med3dvlm.metrics import nlg
+from med3dvlm.metrics import nlg, nlg_assets
 
 pytest.importorskip("nltk")
 pytest.importorskip("sacrebleu")
@@ -154,12 +154,12 @@ def test_bertscore_equals_bert_score_with_local_model(minilm_model):
 
 def test_bertscore_default_needs_a_cached_roberta(tmp_path, monkeypatch):
     pytest.importorskip("bert_score")
-    monkeypatch.setattr(nlg, "_hf_cached", lambda repo: False)
+    monkeypatch.setattr(nlg_assets, "hf_cached", lambda repo: False)
     with pytest.raises(FileNotFoundError, match="roberta-large"):
         nlg.resolve_bertscore_model(None)
     with pytest.raises(FileNotFoundError, match="not a local model folder"):
         nlg.resolve_bertscore_model(tmp_path / "missing")
-    monkeypatch.setattr(nlg, "_hf_cached", lambda repo: True)
+    monkeypatch.setattr(nlg_assets, "hf_cached", lambda repo: True)
     assert nlg.resolve_bertscore_model(None) == ("roberta-large", 17)  # bert-score's layer for the original
 
 

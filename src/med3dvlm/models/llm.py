@@ -17,14 +17,12 @@ from pathlib import Path
 
 import torch
 
+from ..assets import cache_dir
+
 log = logging.getLogger(__name__)
 
 DEFAULT_LLM = "smollm2-135m-instruct"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("MED3DVLM_CACHE", Path.home() / ".cache" / "med3dvlm"))
 
 
 def embedded_llm_dir() -> Path:
