@@ -1,4 +1,4 @@
-"""`med3dvlm eval ...`: evaluation of trained models (retrieval here; report generation and VQA join later)."""
+"""`med3dvlm eval retrieval`; `eval report` and `eval vqa` are in `eval_generation` and share this group."""
 
 from __future__ import annotations
 

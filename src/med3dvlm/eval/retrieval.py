@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..hub import write_json_atomic
+from ..fileio import write_json_atomic
 from ..metrics.retrieval import retrieval_metrics_by_size
 
 logger = logging.getLogger(__name__)
