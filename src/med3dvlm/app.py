@@ -24,7 +24,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is i
 import gradio as gr  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .data.preprocess import WINDOW_PRESETS, describe_range  # noqa: E402
+from .data.preprocess import WINDOW_PRESETS, describe_range, window_bounds  # noqa: E402
 from .data.volume import VolumeError, reorient  # noqa: E402
 from .inference import Predictor, PreparedImage  # noqa: E402
 from .uploads import UPLOAD_SUFFIXES  # noqa: E402
@@ -53,8 +53,7 @@ def to_uint8(array: np.ndarray, window: str, is_hu: bool) -> np.ndarray:
     """Grey levels for display: an HU window preset on CT, else the slice's own min-max (constant -> black)."""
     array = np.asarray(array, dtype=np.float32)
     if is_hu and window in WINDOW_PRESETS:
-        level, width = WINDOW_PRESETS[window]
-        low, high = level - width / 2, level + width / 2
+        low, high = window_bounds(window)
     else:
         low, high = float(array.min()), float(array.max())
     if high <= low:  # the original divided by zero here

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any, ClassVar, TypeVar
 
 from safetensors.torch import load_model, save_model
 from torch import nn
 
 from .config import ModelConfig
+from .fileio import write_atomic, write_json_atomic  # noqa: F401  (write_json_atomic: used by the models)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -119,31 +118,3 @@ def peek_model_type(directory: str | os.PathLike) -> str | None:
         return json.loads(path.read_text()).get("model_type")
     except (OSError, ValueError, AttributeError):
         return None  # read_config reports the problem properly
-
-
-def write_atomic(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
-    """Call `write(tmp)` on a temporary file beside `path`, then rename it to `path`.
-
-    The rename is atomic on one file system, so an interrupted write never leaves a torn file where a
-    reader (a resumed run, a loader) would take it for a complete one. The temporary file is removed
-    when `write` fails.
-    """
-    path = Path(path)
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.name + ".", suffix=".tmp", delete=False) as handle:
-        tmp = Path(handle.name)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
-    """Write `text` to `path` atomically (see `write_atomic`)."""
-    return write_atomic(path, lambda tmp: tmp.write_text(text))
-
-
-def write_json_atomic(path: str | os.PathLike, data: Any, indent: int = 2, default: Callable[[Any], Any] | None = None) -> Path:
-    """Write `data` as JSON (and a final newline) to `path` atomically (see `write_atomic`)."""
-    return write_text_atomic(path, json.dumps(data, indent=indent, default=default) + "\n")

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .data.readers import VOLUME_SUFFIXES, discover_volumes
-from .hub import write_json_atomic
+from .fileio import write_json_atomic
 from .loading import load_contrastive
 
 logger = logging.getLogger(__name__)

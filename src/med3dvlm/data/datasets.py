@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..prompts import closed_answer, closed_question
 from .m3d import CHOICE_LETTERS, QUESTION_TYPES, choice_columns, find_root, read_cap_json, read_vqa_csv, resolve_in_root
 from .prepare import from_storage
 from .preprocess import PreprocessSpec, preprocess, resize
@@ -271,9 +272,8 @@ class VQADataset(_VolumeDataset):
         letter = str(row["Answer Choice"])
         question = str(row["Question"])
         if self.mode == "closed":
-            listed = " ".join(f"{k}. {v}" for k, v in choices.items())
-            question = f"{question} Choices: {listed}"
-            answer = f"{letter}. {row['Answer']}" if self.closed_answer == "letter" else str(row["Answer"])
+            question = closed_question(question, choices)
+            answer = closed_answer(letter, str(row["Answer"])) if self.closed_answer == "letter" else str(row["Answer"])
         else:
             answer = str(row["Answer"])
         qtype = int(row["Question Type"])

@@ -17,6 +17,7 @@ from typing import Any
 
 import pandas as pd
 
+from ..fileio import write_text_atomic
 from .volume import VolumeError
 
 logger = logging.getLogger(__name__)
@@ -99,11 +100,8 @@ def write_cap_json(path: str | os.PathLike, splits: dict[str, list[dict[str, str
     if missing:
         raise ValueError(f"splits lack {', '.join(missing)}")
     payload = add_test_subsets(splits)
-    tmp = path.with_suffix(".json.tmp")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp.write_text(json.dumps(payload, indent=1))
-    os.replace(tmp, path)
-    return path
+    return write_text_atomic(path, json.dumps(payload, indent=1))
 
 
 def read_cap_json(path: str | os.PathLike) -> dict[str, list[dict[str, str]]]:

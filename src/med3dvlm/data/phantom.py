@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from .m3d import CAP_JSON, VQA_DIR, VQA_FILES, write_cap_json, write_vqa_csv
 from .phantom_text import report_text, vqa_rows, yes_no_rows
 from .prepare import NPY_DIR, m3d_chain, process_pool, save_npy_atomic, to_storage
-from .preprocess import WINDOW_PRESETS, apply_window
+from .preprocess import apply_window, window_bounds
 from .splits import case_level_split
 
 PLANES = ("axial", "coronal", "sagittal")
@@ -230,8 +230,7 @@ def render_series(case: dict[str, Any], plane: str, grid: int = 64) -> tuple[np.
 
     hu, spacing = render_hu(case, grid)
     vol = reorient(Volume(hu, spacing=spacing, modality="CT"), PLANE_ORIENTATION[plane])
-    level, width = WINDOW_PRESETS[REGIONS[case["region"]]["window"]]
-    windowed = np.round(apply_window(vol.array, level - width / 2, level + width / 2) * 255) / 255
+    windowed = np.round(apply_window(vol.array, *window_bounds(REGIONS[case["region"]]["window"])) * 255) / 255
     return windowed.astype(np.float32), vol.array, vol.spacing
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ..fileio import write_atomic
 from .m3d import CAP_JSON, CAP_SPLITS, extract_report_text, read_cap_json, write_cap_json
 from .preprocess import DEFAULT_SIZE, foreground_box, minmax, resize
 from .volume import VolumeError
@@ -79,10 +80,12 @@ def check_volume(array: np.ndarray) -> str | None:
 
 def save_npy_atomic(path: Path, array: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        np.save(fh, array)
-    os.replace(tmp, path)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:  # a handle, so np.save does not append ".npy" to the temporary name
+            np.save(fh, array)
+
+    write_atomic(path, write)
 
 
 # --------------------------------------------------------------------------------- slice folders

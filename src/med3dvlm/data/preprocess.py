@@ -93,8 +93,7 @@ class PreprocessSpec:
             return None
         if self.window_range is not None:
             return self.window_range
-        level, width = WINDOW_PRESETS[self.window]  # type: ignore[index]
-        return level - width / 2, level + width / 2
+        return window_bounds(self.window)  # type: ignore[arg-type]
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -142,6 +141,12 @@ class PreprocessReport:
 
 
 # ---------------------------------------------------------------------------------- array operations
+
+
+def window_bounds(preset: str) -> tuple[float, float]:
+    """The (low, high) HU of a window preset: level -/+ width / 2."""
+    level, width = WINDOW_PRESETS[preset]
+    return level - width / 2, level + width / 2
 
 
 def apply_window(array: np.ndarray, low: float, high: float) -> np.ndarray:
