@@ -115,11 +115,12 @@ class Predictor:
         settings: GenerationSettings | None = None,
         device: str | None = None,
     ) -> Predictor:
-        """Load a saved VLM folder, and a case index (with its contrastive model, or `clip_dir`) if given."""
-        from .hub import CONFIG_NAME
+        """Load a saved VLM folder or hub id, and a case index (with its contrastive model, or `clip_dir`) if given."""
+        from .hub import CONFIG_NAME, is_repo_id, resolve_model_dir
         from .loading import load_for_inference, resolve_device
 
-        model_dir = Path(model_dir)
+        name = os.fspath(model_dir) if is_repo_id(model_dir) else Path(model_dir).name  # a snapshot's folder is a hash
+        model_dir = resolve_model_dir(model_dir)
         if not (model_dir / CONFIG_NAME).is_file():
             raise FileNotFoundError(f"{model_dir}: no config.json; not a saved med3dvlm model folder")
         device = resolve_device(device)
@@ -129,7 +130,7 @@ class Predictor:
             from .search import CaseIndex
 
             index = CaseIndex(index_dir, device=device, model_dir=clip_dir)
-        return cls(model, model_name=model_dir.name, settings=settings, index=index)
+        return cls(model, model_name=name, settings=settings, index=index)
 
     @property
     def has_index(self) -> bool:

@@ -101,6 +101,9 @@ def build_index(
     """
     from safetensors.torch import save_file
 
+    from .hub import resolve_model_dir
+
+    model_dir = resolve_model_dir(model_dir)  # a hub id: the index records the snapshot folder it embedded with
     model, tokenizer = load_contrastive(model_dir, device, require_tokenizer=False)
     source = Path(source)
     records: list[dict[str, Any]] = []

@@ -28,7 +28,7 @@ def _named(entries: list[str]) -> dict[str, Path]:
 
 @eval_app.command()
 def retrieval(
-    model: Path = typer.Option(..., "--model", "-m", help="A saved contrastive model folder (train output_dir/model)."),
+    model: str = typer.Option(..., "--model", "-m", help="A saved contrastive model folder (train output_dir/model) or a Hugging Face hub id (owner/name)."),
     data: list[str] = typer.Option(
         ..., "--data", "-d",
         help="[NAME=]M3D_Cap.json to evaluate on; repeat for the published split and a case-level one, "

@@ -34,7 +34,7 @@ def _bertscore_model(no_bertscore: bool, model: Optional[Path]) -> tuple[bool, O
 
 
 # Options shared by both commands (Typer needs them spelled out per command).
-_MODEL = typer.Option(..., "--model", "-m", help="A saved VLM folder (train output_dir/model, or a merged one).")
+_MODEL = typer.Option(..., "--model", "-m", help="A saved VLM folder (train output_dir/model, or a merged one) or a Hugging Face hub id (owner/name).")
 _OUT = typer.Option(..., "--out", "-o", help="Folder for predictions.csv, summary.json, tables.md and plots.")
 _PAPER = typer.Option(False, "--paper-sampling", help="Sample at temperature 1.0 like the original (default: greedy).")
 _MAXTOK = typer.Option(256, "--max-new-tokens")
@@ -54,7 +54,7 @@ _THREADS = typer.Option(
 )
 
 
-def _run(kind: str, model: Path, out: Path, name: Optional[str], device: Optional[str], threads: Optional[int], **kwargs: Any) -> None:
+def _run(kind: str, model: str, out: Path, name: Optional[str], device: Optional[str], threads: Optional[int], **kwargs: Any) -> None:
     from ..data.m3d import DatasetFormatError
     from ..eval.generation import evaluate_reports, evaluate_vqa, load_model, write_outputs
 
@@ -68,14 +68,14 @@ def _run(kind: str, model: Path, out: Path, name: Optional[str], device: Optiona
     except (DatasetFormatError, FileNotFoundError, KeyError, TypeError, ValueError) as err:
         fail(error_message(err))
     summary["model"] = str(model)
-    paths = write_outputs(rows, summary, out, name or model.name)
+    paths = write_outputs(rows, summary, out, name or Path(model).name)
     typer.echo(Path(paths["tables"]).read_text())
     typer.echo(json.dumps(paths, indent=2))
 
 
 @eval_app.command()
 def report(
-    model: Path = _MODEL,
+    model: str = _MODEL,
     data: Path = typer.Option(..., "--data", "-d", help="M3D_Cap.json."),
     out: Path = _OUT,
     split: str = typer.Option("test", "--split"),
@@ -94,7 +94,7 @@ def report(
 
 @eval_app.command()
 def vqa(
-    model: Path = _MODEL,
+    model: str = _MODEL,
     data: Path = typer.Option(..., "--data", "-d", help="An M3D-VQA CSV, e.g. M3D-VQA/M3D_VQA_test.csv."),
     out: Path = _OUT,
     mode: str = typer.Option("both", "--mode", help="closed, open or both."),

@@ -45,7 +45,7 @@ def batch_items(source: Path, question: Optional[str]) -> list[tuple[Path, Optio
 
 @root.command()
 def predict(
-    model: Path = typer.Option(..., "--model", "-m", help="A saved VLM folder (stage 3 output_dir/model)."),
+    model: str = typer.Option(..., "--model", "-m", help="A saved VLM folder (stage 3 output_dir/model) or a Hugging Face hub id (owner/name)."),
     image: Optional[Path] = typer.Option(None, "--image", "-i", help="A NIfTI/NRRD/MHA/.npy/DICOM file, a DICOM folder or a zip of one."),
     question: Optional[str] = typer.Option(None, "--question", "-q", help="Ask this; without it the model writes the report."),
     batch: Optional[Path] = typer.Option(None, "--batch", help="A folder of scans, or a CSV with 'image' and 'question' columns."),

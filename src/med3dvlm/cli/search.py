@@ -16,7 +16,7 @@ root.add_typer(index_app, name="index")
 
 @index_app.command("build")
 def build(
-    model: Path = typer.Option(..., "--model", "-m", help="A saved contrastive model folder (train output_dir/model)."),
+    model: str = typer.Option(..., "--model", "-m", help="A saved contrastive model folder (train output_dir/model) or a Hugging Face hub id (owner/name)."),
     source: Path = typer.Option(..., "--data", "-d", help="An M3D_Cap.json (scans + reports) or a folder of volumes."),
     out: Path = typer.Option(..., "--out", "-o", help="Index folder to write."),
     splits: Optional[list[str]] = typer.Option(None, "--split", help="Dataset splits to index (repeatable); default all."),

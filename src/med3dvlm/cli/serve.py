@@ -10,7 +10,7 @@ import typer
 from .root import fail, root
 
 
-def _load(model: Path, index: Optional[Path], max_new_tokens: int, device: Optional[str]):
+def _load(model: str, index: Optional[Path], max_new_tokens: int, device: Optional[str]):
     from ..inference import Predictor, prediction_settings
     from ..search import SearchIndexError
 
@@ -28,7 +28,7 @@ def _warn_if_public(host: str) -> None:
 
 @root.command()
 def serve(
-    model: Path = typer.Option(..., "--model", "-m", help="A saved VLM folder."),
+    model: str = typer.Option(..., "--model", "-m", help="A saved VLM folder or a Hugging Face hub id (owner/name)."),
     index: Optional[Path] = typer.Option(None, "--index", help="A case index (`med3dvlm index build`) for /embed and /search."),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind; the default accepts local connections only."),
     port: int = typer.Option(8000, "--port", min=1, max=65535),
@@ -49,7 +49,7 @@ def serve(
 
 @root.command("app")
 def web_app(
-    model: Path = typer.Option(..., "--model", "-m", help="A saved VLM folder."),
+    model: str = typer.Option(..., "--model", "-m", help="A saved VLM folder or a Hugging Face hub id (owner/name)."),
     index: Optional[Path] = typer.Option(None, "--index", help="A case index for similar cases."),
     examples: Optional[Path] = typer.Option(None, "--examples", help="A folder of example scans; default: generated phantoms."),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind; the default accepts local connections only."),

@@ -15,6 +15,7 @@ model): the DCFormer part is found by its `encoder.s0.` keys, whatever prefix pr
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -54,6 +55,23 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise ValueError(f"{path}: does not hold a state dict of tensors")
     return obj
+
+
+def load_directory_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The whole state dict of a Hugging Face model folder: sharded (`model.safetensors.index.json`),
+    one `model.safetensors`, or a pickled `pytorch_model.bin` (read with weights_only=True)."""
+    directory = Path(directory)
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            state.update(load_state_dict(directory / shard))
+        return state
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (directory / name).is_file():
+            return load_state_dict(directory / name)
+    raise FileNotFoundError(f"{directory}: no model.safetensors(.index.json) or pytorch_model.bin")
 
 
 def find_dcformer_prefix(state_dict: dict[str, torch.Tensor]) -> str:

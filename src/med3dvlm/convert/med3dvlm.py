@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .dcformer import closest_registered_dcformer, convert_dcformer_checkpoint, load_state_dict
+from .dcformer import closest_registered_dcformer, convert_dcformer_checkpoint, load_directory_weights
 from .projector import convert_projector_checkpoint
 
 # Keys of the released config that describe the vision tower and projector, not the Qwen2 LLM.
@@ -26,20 +26,6 @@ _VLM_KEYS = {
     "high_input_size", "mm_hidden_size", "tune_mm_mlp_adapter", "num_new_tokens", "img_token_id", "auto_map",
     "architectures", "transformers_version", "_name_or_path", "torch_dtype", "dtype", "use_cache",
 }
-
-
-def _load_weights(directory: Path) -> dict[str, torch.Tensor]:
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        state: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            state.update(load_state_dict(directory / shard))
-        return state
-    for name in ("model.safetensors", "pytorch_model.bin"):
-        if (directory / name).is_file():
-            return load_state_dict(directory / name)
-    raise FileNotFoundError(f"{directory}: no model.safetensors(.index.json) or pytorch_model.bin")
 
 
 def load_released_med3dvlm(directory: str | os.PathLike, dtype: torch.dtype = torch.float32) -> Any:
@@ -54,7 +40,7 @@ def load_released_med3dvlm(directory: str | os.PathLike, dtype: torch.dtype = to
         raise ValueError(f"{directory}: vision_tower {raw.get('vision_tower')!r} is not supported (only 'dcformer')")
     if raw.get("mm_projector_type", "mixer") not in ("mixer", "mlp", "low_high_mlp"):
         raise ValueError(f"{directory}: mm_projector_type {raw.get('mm_projector_type')!r} is not supported")
-    state = _load_weights(directory)
+    state = load_directory_weights(directory)
 
     vision = convert_dcformer_checkpoint(state)
     projector = convert_projector_checkpoint({k: v for k, v in state.items() if k.startswith("model.mm_projector.")})

@@ -13,18 +13,31 @@ Xin et al., IEEE JBHI 2025 (https://ieeexplore.ieee.org/document/11145341); orig
 
 The DistilBERT architecture is read off the weights' shapes, except the number of attention heads, which
 shapes cannot tell (ClinicalBERT has 12); pass `text_config` to override everything.
+
+`load_released_siglip` reads the released folder (MagicXin/DCFormer_SigLIP): the `config.json` of
+`DEC_CLIPConfig` (`model_type: "dec_clip"`) beside the weights, which is how `med3dvlm.from_pretrained`
+recognises it.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import re
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..models.clip import Contrastive3D, ContrastiveConfig
-from .dcformer import closest_registered_dcformer, convert_dcformer_state_dict, dcformer_overrides, infer_config
+from .dcformer import (
+    closest_registered_dcformer,
+    convert_dcformer_state_dict,
+    dcformer_overrides,
+    infer_config,
+    load_directory_weights,
+)
 
 _VISION = "vision_encoder."
 _TEXT = "language_encoder."
@@ -139,3 +152,25 @@ def convert_siglip_checkpoint(
     if not math.isfinite(model.logit_scale.item()):
         raise ValueError("the converted temperature t' is not finite")
     return model.eval()
+
+
+def load_released_siglip(
+    directory: str | os.PathLike,
+    text_config: dict[str, Any] | None = None,
+    n_heads: int = 12,
+) -> Contrastive3D:
+    """Our `Contrastive3D` from a released DCFormer_SigLIP folder (`config.json` + the `DEC_CLIP` weights).
+
+    The original config names the text model by path only, so its DistilBERT is inferred from the weights
+    (see `convert_siglip_checkpoint`); the tokenizer, when the folder has one, is read from the same folder
+    by the callers that need it (`loading.load_contrastive`).
+    """
+    directory = Path(directory)
+    raw = json.loads((directory / "config.json").read_text())
+    if raw.get("model_type") != "dec_clip":
+        raise ValueError(f"{directory}: model_type {raw.get('model_type')!r} is not a released DCFormer_SigLIP ('dec_clip')")
+    if raw.get("vision_encoder", "dcformer") != "dcformer":
+        raise ValueError(f"{directory}: vision_encoder {raw.get('vision_encoder')!r} is not supported (only 'dcformer')")
+    max_text_length = int(raw.get("max_text_len", raw.get("max_length", 512)))
+    return convert_siglip_checkpoint(load_directory_weights(directory), text_config=text_config, n_heads=n_heads,
+                                     max_text_length=max_text_length)
