@@ -25,6 +25,7 @@ from pydantic import BaseModel, Field
 from . import __version__
 from .data.volume import VolumeError
 from .inference import Predictor
+from .openai_api import mount_openai
 from .uploads import UPLOAD_SUFFIXES, upload_suffix
 
 logger = logging.getLogger(__name__)
@@ -241,5 +242,6 @@ def create_app(predictor: Predictor, max_upload_mb: float = 512, max_new_tokens_
             raise HTTPException(400, str(err)) from None
         return SearchOut(query="text", hits=[HitOut(**h) for h in hits])
 
+    mount_openai(app, predictor, max_bytes, max_new_tokens_limit, default_tokens, MAX_TEXT)  # /v1: see openai_api
     return app
 
