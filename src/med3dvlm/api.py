@@ -20,6 +20,7 @@ from typing import Any, Optional
 
 from fastapi import FastAPI, File, Form, HTTPException, UploadFile
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, Field
 
 from . import __version__
@@ -141,7 +142,8 @@ class BodyLimit:
 def create_app(predictor: Predictor, max_upload_mb: float = 512, max_new_tokens_limit: int = 1024) -> FastAPI:
     """A FastAPI app serving `predictor`; uploads over `max_upload_mb` are refused with 413."""
     max_bytes = int(max_upload_mb * 1024**2)
-    app = FastAPI(
+    # FastAPIOffline: /docs and /redoc load Swagger UI and ReDoc from the package, not from a CDN.
+    app = FastAPIOffline(
         title="med3dvlm",
         version=__version__,
         description="Report generation, visual question answering, embeddings and similar-case search for 3D CT. "

@@ -108,20 +108,20 @@ class ChatCompletionRequest(BaseModel):
     n: int = Field(1, ge=1)
 
 
-class ErrorDetail(BaseModel):
+class OpenAIErrorDetail(BaseModel):
     message: str = Field(description="What went wrong and what to change.")
     type: str
     param: Optional[str] = None
     code: Optional[str] = None
 
 
-class ErrorOut(BaseModel):
-    error: ErrorDetail
+class OpenAIErrorOut(BaseModel):
+    error: OpenAIErrorDetail
 
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    400: {"model": ErrorOut, "description": "An invalid request, or a volume that cannot be read (the message names it and says why)."},
-    404: {"model": ErrorOut, "description": "The request names another model than the one served (see GET /v1/models)."},
+    400: {"model": OpenAIErrorOut, "description": "An invalid request, or a volume that cannot be read (the message names it and says why)."},
+    404: {"model": OpenAIErrorOut, "description": "The request names another model than the one served (see GET /v1/models)."},
     413: {"description": "The request or the volume is larger than the upload limit."},
 }
 _COMPLETION_RESPONSE: dict[int | str, dict[str, Any]] = {
