@@ -88,3 +88,30 @@ def test_stage2_then_stage3_then_merge(tmp_path, phantom, tiny_tokenizer):
         a = tuned(images=images, **batch).logits
         b = merged(images=images, **batch).logits
     assert (a - b).abs().max() < 1e-4
+
+
+def test_stage3_continues_from_a_saved_stage3_model(tmp_path, tiny_tokenizer):
+    """A saved adapter comes back frozen from peft; continuing stage 3 from it must train it again."""
+    model = Med3DVLM(med3dvlm.get_config("med3dvlm_test"), tokenizer=copy.deepcopy(tiny_tokenizer))
+    set_trainable(model, StageSection(stage=3))
+    model.save_pretrained(tmp_path / "stage3a")
+    again = set_trainable(med3dvlm.from_pretrained(tmp_path / "stage3a"), StageSection(stage=3))
+    names = [n for n, p in again.named_parameters() if p.requires_grad]
+    assert any("lora_A" in n for n in names) and any("lora_B" in n for n in names)
+    assert not any("base_layer" in n or "embed_tokens" in n for n in names)
+
+
+def test_data_section_selects_question_types_and_forms(phantom):
+    from med3dvlm.train.vlm import VLMDataSection, build_dataset
+
+    vqa = phantom / "M3D-VQA"
+    section = VLMDataSection(cap_json=None, vqa_csv=str(vqa / "M3D_VQA_train.csv"), yes_no_csv=str(vqa / "M3D_VQA_yn_train.csv"),
+                             vqa_modes=("closed",), question_types=(1, 2), augment=False)
+    dataset = build_dataset(section, 3, (64, 64, 64), seed=0)
+    assert len(dataset.datasets) == 2  # closed questions and yes/no; no open-ended copy
+    closed, yes_no = dataset.datasets
+    assert closed.mode == "closed" and set(closed.rows["Question Type"]) == {1, 2}
+    assert set(yes_no.rows["Question Type"]) == {1, 2} and set(yes_no.rows["Answer"]) <= {"Yes", "No"}
+    everything = build_dataset(VLMDataSection(cap_json=None, vqa_csv=str(vqa / "M3D_VQA_train.csv"), augment=False), 3, (64, 64, 64), 0)
+    assert [p.mode for p in everything.datasets] == ["closed", "open"]
+    assert set(everything.datasets[0].rows["Question Type"]) == {1, 2, 3, 4, 5}

@@ -58,6 +58,8 @@ class VLMDataSection:
     limit: int | None = None  # a seeded random sample of at most N items from each source (smoke runs)
     caption_repeats: int = 1  # the captions count this many times: a report is one item, like one short question
     closed_answer: str = "letter"  # closed questions answered "A. text" (M3D) or "text" (see VQADataset)
+    vqa_modes: tuple[str, ...] = ("closed", "open")  # which forms of the vqa_csv questions to train on
+    question_types: tuple[int, ...] | None = None  # keep only these M3D question types (1-5) of the VQA CSVs
 
 
 @dataclass
@@ -155,6 +157,12 @@ def set_trainable(model: nn.Module, stage: StageSection) -> nn.Module:
         lora = LoraConfig(r=stage.lora_r, lora_alpha=stage.lora_alpha, lora_dropout=stage.lora_dropout,
                           target_modules=targets, bias="none", task_type="CAUSAL_LM")
         model.llm = get_peft_model(model.llm, lora)  # freezes the base LLM, LoRA weights trainable
+    elif stage.stage == 3:
+        # Continuing from a saved stage-3 model: peft loads its adapter frozen, and training would otherwise
+        # move the projector alone.
+        for name, param in model.llm.named_parameters():
+            if "lora_" in name:
+                param.requires_grad_(True)
     model.projector.requires_grad_(True)
     if stage.original_code:
         model.llm.get_input_embeddings().requires_grad_(True)
@@ -171,14 +179,16 @@ def build_dataset(section: VLMDataSection, stage: int, image_size: tuple[int, in
     parts = []
     if section.cap_json:
         parts.append(CaptionDataset(section.cap_json, split=section.split, root=section.root, train=section.augment, **common))
+    types = tuple(section.question_types) if section.question_types else None
     if section.vqa_csv:
-        for mode in ("closed", "open"):
+        for mode in section.vqa_modes:
             parts.append(VQADataset(section.vqa_csv, root=section.root, mode=mode, train=section.augment,
-                                    closed_answer=section.closed_answer, **common))
+                                    closed_answer=section.closed_answer, question_types=types, **common))
     if section.yes_no_csv:
         if stage == 2:
             logger.warning("stage 2 of the paper uses no yes/no questions, but data.yes_no_csv is set; using it")
-        parts.append(VQADataset(section.yes_no_csv, root=section.root, mode="open", train=section.augment, **common))
+        parts.append(VQADataset(section.yes_no_csv, root=section.root, mode="open", train=section.augment,
+                                question_types=types, **common))
     if not parts:
         raise ValueError("the recipe names no data: set data.cap_json, data.vqa_csv or data.yes_no_csv")
     if section.limit is not None:
