@@ -29,9 +29,21 @@ def _model(tokenizer, llm_config=None) -> Med3DVLM:
     return model
 
 
+@pytest.fixture(scope="module")
+def llama_vlm(tiny_tokenizer):
+    return _model(tiny_tokenizer, TINY_LLAMA)
+
+
+@pytest.fixture(scope="module")
+def qwen2_vlm(tiny_tokenizer):
+    return _model(tiny_tokenizer, TINY_QWEN2)
+
+
 @pytest.fixture(params=["llama", "qwen2"])
-def vlm(request, tiny_tokenizer):
-    return _model(tiny_tokenizer, TINY_LLAMA if request.param == "llama" else TINY_QWEN2)
+def vlm(request, llama_vlm, qwen2_vlm):
+    """Both families (Qwen2: biased projections, one key/value head, an untied head) where the layer arithmetic
+    matters; the decoding rules are tested on Llama alone."""
+    return llama_vlm if request.param == "llama" else qwen2_vlm
 
 
 def _both(model, images, batch, monkeypatch, **kwargs):
@@ -79,35 +91,35 @@ def test_eos_stops_rows_and_pads_them(vlm, monkeypatch):
     assert fast.shape == ref.shape == (len(QUESTIONS), 1) and fast.tolist() == ref.tolist()
 
 
-def test_min_new_tokens_and_repetition_penalty(vlm, monkeypatch):
-    batch = vlm.processor.generation_batch(QUESTIONS)
+def test_min_new_tokens_and_repetition_penalty(llama_vlm, monkeypatch):
+    batch = llama_vlm.processor.generation_batch(QUESTIONS)
     images = torch.rand(len(QUESTIONS), 1, 64, 64, 64)
-    free = vlm.generate(images, **batch, max_new_tokens=8, fast=False, eos_token_id=[])
+    free = llama_vlm.generate(images, **batch, max_new_tokens=8, fast=False, eos_token_id=[])
     eos = [int(free[i, 0]) for i in range(len(QUESTIONS))]  # would end every row at once
-    fast, ref = _both(vlm, images, batch, monkeypatch, max_new_tokens=12, min_new_tokens=5, eos_token_id=eos,
+    fast, ref = _both(llama_vlm, images, batch, monkeypatch, max_new_tokens=12, min_new_tokens=5, eos_token_id=eos,
                       pad_token_id=3)
     assert fast.shape[1] >= 5 and fast.tolist() == ref.tolist()
-    fast, ref = _both(vlm, images, batch, monkeypatch, max_new_tokens=20, eos_token_id=[], repetition_penalty=1.5)
-    plain = vlm.generate(images, **batch, max_new_tokens=20, eos_token_id=[])
+    fast, ref = _both(llama_vlm, images, batch, monkeypatch, max_new_tokens=20, eos_token_id=[], repetition_penalty=1.5)
+    plain = llama_vlm.generate(images, **batch, max_new_tokens=20, eos_token_id=[])
     assert fast.tolist() == ref.tolist()
     assert fast.tolist() != plain.tolist()  # the penalty really acted
 
 
-def test_max_new_tokens_one_and_default_eos(vlm, monkeypatch):
-    batch = vlm.processor.generation_batch(QUESTIONS[:2])
+def test_max_new_tokens_one_and_default_eos(llama_vlm, monkeypatch):
+    batch = llama_vlm.processor.generation_batch(QUESTIONS[:2])
     images = torch.rand(2, 1, 64, 64, 64)
-    fast, ref = _both(vlm, images, batch, monkeypatch, max_new_tokens=1, do_sample=False)
+    fast, ref = _both(llama_vlm, images, batch, monkeypatch, max_new_tokens=1, do_sample=False)
     assert fast.shape == (2, 1) and fast.tolist() == ref.tolist()
-    fast, ref = _both(vlm, images, batch, monkeypatch, max_new_tokens=10)  # the tokenizer's eos, as generate_text
+    fast, ref = _both(llama_vlm, images, batch, monkeypatch, max_new_tokens=10)  # the tokenizer's eos, as generate_text
     assert fast.tolist() == ref.tolist()
 
 
-def test_generate_text_and_streaming_use_the_fast_path(vlm, monkeypatch):
+def test_generate_text_and_streaming_use_the_fast_path(llama_vlm, monkeypatch):
     images = torch.rand(2, 1, 64, 64, 64)
-    ref = vlm.generate_text(images, ["Which organ is abnormal?", None], max_new_tokens=10)
-    monkeypatch.setattr(vlm.llm, "generate", lambda *a, **k: pytest.fail("fast path fell back to llm.generate"))
-    assert vlm.generate_text(images, ["Which organ is abnormal?", None], max_new_tokens=10) == ref
-    streamed = "".join(vlm.stream_text(images[:1], "Which organ is abnormal?", max_new_tokens=10))
+    ref = llama_vlm.generate_text(images, ["Which organ is abnormal?", None], max_new_tokens=10)
+    monkeypatch.setattr(llama_vlm.llm, "generate", lambda *a, **k: pytest.fail("fast path fell back to llm.generate"))
+    assert llama_vlm.generate_text(images, ["Which organ is abnormal?", None], max_new_tokens=10) == ref
+    streamed = "".join(llama_vlm.stream_text(images[:1], "Which organ is abnormal?", max_new_tokens=10))
     assert streamed.strip() == ref[0]
 
 
@@ -131,15 +143,15 @@ def test_lora_wrapped_llm_is_token_identical(tiny_tokenizer, monkeypatch):
     {"logits_processor": []},
     {"max_new_tokens": None},
 ])
-def test_what_the_fast_path_does_not_take(vlm, kwargs):
-    assert decoding.fast_greedy_plan(vlm.llm, {"max_new_tokens": 4, **kwargs}) is None
-    plan = decoding.fast_greedy_plan(vlm.llm, {"max_new_tokens": 4, "do_sample": False, "temperature": None})
+def test_what_the_fast_path_does_not_take(llama_vlm, kwargs):
+    assert decoding.fast_greedy_plan(llama_vlm.llm, {"max_new_tokens": 4, **kwargs}) is None
+    plan = decoding.fast_greedy_plan(llama_vlm.llm, {"max_new_tokens": 4, "do_sample": False, "temperature": None})
     assert plan is not None and plan.max_new_tokens == 4
 
 
-def test_sampling_keeps_the_hugging_face_loop(vlm, monkeypatch):
+def test_sampling_keeps_the_hugging_face_loop(llama_vlm, monkeypatch):
     called = []
-    original = vlm.llm.generate
-    monkeypatch.setattr(vlm.llm, "generate", lambda *a, **k: called.append(1) or original(*a, **k))
-    vlm.generate_text(torch.rand(1, 1, 64, 64, 64), [None], max_new_tokens=4, do_sample=True, seed=1)
+    original = llama_vlm.llm.generate
+    monkeypatch.setattr(llama_vlm.llm, "generate", lambda *a, **k: called.append(1) or original(*a, **k))
+    llama_vlm.generate_text(torch.rand(1, 1, 64, 64, 64), [None], max_new_tokens=4, do_sample=True, seed=1)
     assert called
