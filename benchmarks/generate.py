@@ -24,7 +24,6 @@ prompt lengths they are a few percent of the weights.)
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from typing import Any, Callable
 
