@@ -28,6 +28,7 @@ from ..config import ModelConfig
 from ..hub import CONFIG_NAME, PretrainedModel, from_pretrained, write_json_atomic
 from ..prompts import IGNORE_INDEX, IMAGE_TOKEN, VLMProcessor, add_image_token
 from ..registry import build_from_config, get_config, register_family, register_model
+from .decoding import fast_greedy_plan, greedy_generate
 from .llm import DEFAULT_LLM, load_llm
 
 log = logging.getLogger(__name__)
@@ -193,9 +194,14 @@ class Med3DVLM(PretrainedModel):
         images: torch.Tensor,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
+        fast: bool = True,
         **generate_kwargs: Any,
     ) -> torch.Tensor:
-        """New token ids only. Prompts must be left-padded (see `VLMProcessor.generation_batch`)."""
+        """New token ids only. Prompts must be left-padded (see `VLMProcessor.generation_batch`).
+
+        Greedy calls the fast decoder understands (`models.decoding`) run there, with the same tokens as
+        `llm.generate`; sampling and anything else go to `llm.generate`. `fast=False` forces the latter.
+        """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if self.config.splice == "original" and input_ids.shape[0] > 1 and not bool(attention_mask.all()):
@@ -203,7 +209,7 @@ class Med3DVLM(PretrainedModel):
             outs = []
             for i in range(input_ids.shape[0]):
                 keep = attention_mask[i].bool()
-                outs.append(self.generate(images[i:i + 1], input_ids[i:i + 1, keep], None, **generate_kwargs)[0])
+                outs.append(self.generate(images[i:i + 1], input_ids[i:i + 1, keep], None, fast, **generate_kwargs)[0])
             return _pad_right(outs, generate_kwargs.get("pad_token_id", self.tokenizer.pad_token_id))
         embeds = self.embed_inputs(input_ids, images)
         generate_kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id if self.tokenizer else None)
@@ -212,6 +218,9 @@ class Med3DVLM(PretrainedModel):
             configured = getattr(self.llm.generation_config, "eos_token_id", None)
             ids = [configured] if isinstance(configured, int) else list(configured or [])
             generate_kwargs["eos_token_id"] = ids + [t for t in [self.tokenizer.eos_token_id] if t is not None and t not in ids]
+        plan = fast_greedy_plan(self.llm, generate_kwargs) if fast else None
+        if plan is not None:
+            return greedy_generate(self.llm, embeds, attention_mask, plan)
         return self.llm.generate(inputs_embeds=embeds, attention_mask=attention_mask, **generate_kwargs)
 
     def generate_text(
