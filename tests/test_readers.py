@@ -313,3 +313,33 @@ def test_one_preprocessing_path_hu_and_normalized_agree(tmp_path: Path) -> None:
     a, _ = load_for_model(lps_nifti(tmp_path / "hu.nii.gz", hu.astype(np.int16)), spec)
     b, _ = load_for_model(tmp_path / "norm.npy", spec)
     assert float((a - b).abs().max()) < 1e-3
+
+
+# ---------------------------------------------------------------------------------------- the CLI
+
+
+def test_data_inspect_reads_zips_and_refuses_with_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from med3dvlm.cli import main as cli
+
+    from serving_helpers import zip_folder
+
+    series = write_dicom_series(tmp_path / "s" / "series", hu_phantom((10, 24, 24)))
+    edit_dicom_series(series, lambda k, ds: k != 4)
+    archive = zip_folder(series, tmp_path / "series.zip")
+    capsys.readouterr()
+    assert cli(["data", "inspect", str(archive), "--json", "--size", "8", "16", "16"]) == 0  # `predict` took zips, inspect refused them
+    payload = json.loads(capsys.readouterr().out)
+    assert payload["read"]["source"] == str(archive) and payload["read"]["meta"]["slice_gaps"]["missing_estimate"] == 1
+    assert any(w.startswith(f"{archive}: uneven slice gaps") for w in payload["warnings"])  # the zip, not its temp folder
+    assert "series_uid" not in json.dumps(payload)
+    assert cli(["data", "inspect", str(archive), "--strict"]) == 1
+    assert "refused under --strict" in capsys.readouterr().err
+    lie = lying_nifti(tmp_path / "lie.nii.gz")
+    assert cli(["data", "inspect", str(lie)]) == 1
+    assert capsys.readouterr().err.startswith(f"error: {lie}: the header claims")
+    assert cli(["data", "inspect", str(lie), "--max-voxels", str(2**31)]) == 1
+    assert "truncated" in capsys.readouterr().err
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    assert cli(["data", "inspect", str(tmp_path / "loop")]) == 1
+    err = capsys.readouterr().err
+    assert "symbolic link loop" in err and "Traceback" not in err

@@ -123,8 +123,14 @@ _ABSOLUTE_PATH = re.compile(r"(?<![\w.])(?:/[^\s/'\"():,]+){2,}/?")
 def scrub_paths(text: str, replacements: dict[str, str] | None = None) -> str:
     """`text` with the given paths replaced (longest first, e.g. an upload's temporary path by its
     original name) and any other absolute path replaced by "<path>": error details sent over the
-    network must not show the server's folders."""
+    network must not show the server's folders. A replacement is kept as given even when it is an
+    absolute path itself (the CLI shows the user's own path)."""
+    kept: list[str] = []
     for old, new in sorted((replacements or {}).items(), key=lambda kv: -len(kv[0])):
-        if old:
-            text = text.replace(old, new)
-    return _ABSOLUTE_PATH.sub("<path>", text)
+        if old and old in text:
+            text = text.replace(old, f"\0{len(kept)}\0")
+            kept.append(new)
+    text = _ABSOLUTE_PATH.sub("<path>", text)
+    for i, new in enumerate(kept):
+        text = text.replace(f"\0{i}\0", new)
+    return text
