@@ -585,7 +585,7 @@ def read_dicom_series(folder: Path, series_uid: str | None = None, limits: ReadL
             raise VolumeError(folder, f"holds {len(groups)} DICOM series; pass a series UID, one of: {listing}")
         series_uid = next(iter(groups))
     if series_uid not in groups:
-        raise VolumeError(folder, f"has no series with the UID given; found: {', '.join(groups)}")
+        raise VolumeError(folder, f"has no series with UID {series_uid[:128]}; found: {', '.join(groups)}")
     items = [(p, ds) for p, ds in groups[series_uid] if "Rows" in ds]
     if not items:
         raise VolumeError(folder, "the series has no image slices (an empty series)")
