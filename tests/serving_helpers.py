@@ -83,3 +83,30 @@ def zip_folder(folder: Path, archive: Path) -> Path:
             if p.is_file():
                 zf.write(p, p.relative_to(folder.parent).as_posix())
     return archive
+
+
+def serving_files(root: Path, tokenizer: Any) -> dict[str, Path]:
+    """What the API and web app tests serve: a tiny VLM, a 4-case index of prepared volumes, and scans."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from clip_helpers import tiny_model_dir
+
+    from med3dvlm.search import build_index
+
+    scans = root / "scans"
+    rng = np.random.default_rng(0)
+    for i in range(4):  # prepared [0, 1] volumes at the tiny contrastive model's size, one case each
+        (scans / f"case{i}").mkdir(parents=True)
+        np.save(scans / f"case{i}" / "ct.npy", rng.random((16, 32, 32), dtype=np.float32))
+    clip = tiny_model_dir(root / "clip")
+    build_index(clip, scans, root / "index", progress=False)
+    series = write_dicom_series(root / "dicom" / "series", hu_phantom(seed=4))
+    return {
+        "vlm": tiny_vlm_dir(root / "vlm", tokenizer),
+        "index": root / "index",
+        "nifti": write_nifti(root / "Smith_John_1961.nii.gz", hu_phantom(seed=1)),
+        "zip": zip_folder(series, root / "series.zip"),
+        "dicom": series,
+        "query": scans / "case2" / "ct.npy",
+    }

@@ -98,6 +98,22 @@ def test_upload_generate_and_ask(served, page, caplog: pytest.LogCaptureFixture)
     assert "Doe_Jane" not in caplog.text
 
 
+def test_broken_scan_is_explained_in_the_page_and_not_logged(served, page, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                             capfd: pytest.CaptureFixture) -> None:
+    """The error path, end to end: gradio printed every gr.Error (message and traceback) to the console."""
+    _, _, url, _ = served
+    broken = tmp_path / "Doe_Jane_19610101.nii.gz"
+    broken.write_bytes(b"\x1f\x8b not a gzip stream")
+    capfd.readouterr()
+    with caplog.at_level(logging.DEBUG):
+        page.goto(url, wait_until="domcontentloaded")
+        page.locator("#scan-upload input[type=file]").set_input_files(str(broken))
+        page.get_by_text("Doe_Jane_19610101.nii.gz: not a readable NIfTI file").first.wait_for()
+    out, err = capfd.readouterr()
+    for text in (caplog.text, out, err):
+        assert "Doe_Jane" not in text
+
+
 def test_wrong_type_is_refused_in_the_page(served, page, tmp_path: Path) -> None:
     _, _, url, _ = served
     notes = tmp_path / "notes.txt"

@@ -2,12 +2,16 @@
 
 Every endpoint takes one multipart upload: a volume file (NIfTI, NRRD, MHA, .npy, a multi-frame DICOM)
 or a zip of a DICOM series. Responses are JSON and documented in the OpenAPI schema (`/openapi.json`).
-Errors are 4xx with a `detail` that says what to fix: 413 for a body over the upload limit, 415 for a
-file type the API cannot read, 422 for missing or out-of-range fields, 400 when the file itself is
-unreadable (naming it and the reason), 503 for /embed and /search when no case index is loaded.
+Errors are 4xx with a `detail` that says what to fix: 413 for a body over the upload limit (with or
+without Content-Length) or a volume over the read limits, 415 for a file type the API cannot read, 422
+for missing or out-of-range fields, 400 when the file itself is unreadable (naming it and the reason),
+503 for /embed and /search when no case index is loaded. Every error body has the same JSON shape,
+`ErrorOut`: {"detail": str, "code": str, "status": int, "errors": list | null}; details never show a
+server path.
 
 Uploads are stored under a neutral temporary name and deleted after the request; logs carry shapes
-and timings, never file names or DICOM fields, which can identify patients.
+and timings, never file names or DICOM fields, which can identify patients. Reads are bounded by
+`ReadLimits` (the lower `SERVER_LIMITS` by default) and by the predictor's read semaphore.
 """
 
 from __future__ import annotations
@@ -15,19 +19,23 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+import traceback
 from pathlib import Path, PurePath
 from typing import Any, Optional
 
-from fastapi import FastAPI, File, Form, HTTPException, UploadFile
+from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi_offline import FastAPIOffline
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
-from .data.volume import VolumeError
+from .data.limits import SERVER_LIMITS, ReadLimits
+from .data.volume import VolumeError, VolumeTooLarge
 from .inference import Predictor
 from .openai_api import mount_openai
-from .uploads import UPLOAD_SUFFIXES, upload_suffix
+from .uploads import UPLOAD_SUFFIXES, scrub_paths, upload_suffix
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +43,24 @@ MAX_TEXT = 2000  # characters in a question or a search text
 
 
 class ErrorOut(BaseModel):
+    """The one shape of every error body, whatever the status."""
+
     detail: str = Field(description="What went wrong and what to change.")
+    code: str = Field(description="A stable machine-readable name of the error (see ERROR_CODES).")
+    status: int = Field(description="The HTTP status, repeated.")
+    errors: Optional[list[dict[str, Any]]] = Field(None, description="For 422: each invalid field (loc, msg); else null.")
+
+
+ERROR_CODES = {
+    400: "unreadable_input", 404: "not_found", 405: "method_not_allowed", 413: "too_large",
+    415: "unsupported_type", 422: "invalid_request", 500: "internal_error", 503: "no_index",
+}
+
+
+def error_response(status: int, detail: str, errors: Optional[list[dict[str, Any]]] = None) -> JSONResponse:
+    """An `ErrorOut` body; the detail has any server path replaced by "<path>"."""
+    body = ErrorOut(detail=scrub_paths(detail), code=ERROR_CODES.get(status, f"http_{status}"), status=status, errors=errors)
+    return JSONResponse(body.model_dump(), status_code=status)
 
 
 class PredictionOut(BaseModel):
@@ -80,11 +105,12 @@ class HealthOut(BaseModel):
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     text = {
         400: "The file cannot be read as a volume (the detail names the file and the reason).",
-        413: "The request body is larger than the upload limit.",
+        413: "The request body is larger than the upload limit, or the volume larger than the read limits.",
         415: "The file type is not one the API reads.",
+        422: "A field is missing or out of range (`errors` lists them).",
         503: "No case index is loaded on this server.",
     }
-    return {code: {"model": ErrorOut, "description": text[code]} for code in codes}
+    return {code: {"model": ErrorOut, "description": text[code]} for code in (*codes, 422)}
 
 
 class _TooLarge(Exception):
@@ -94,7 +120,9 @@ class _TooLarge(Exception):
 class BodyLimit:
     """ASGI middleware answering 413 for bodies over `max_bytes`, before they are stored anywhere.
 
-    Content-Length is checked first; a chunked body without it is counted as it arrives.
+    Content-Length is checked first; a chunked body without it (or one longer than it says) is
+    counted as it arrives. The app's own answer to a body cut short (FastAPI turns any failure while
+    parsing a form into a 400) is dropped, and the 413 sent in its place.
     """
 
     def __init__(self, app: Any, max_bytes: int) -> None:
@@ -110,37 +138,80 @@ class BodyLimit:
             await self._reject(scope, receive, send)
             return
         seen = 0
+        over = False
         started = False
 
         async def counted_receive() -> dict:
-            nonlocal seen
+            nonlocal seen, over
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_bytes:
+                    over = True
                     raise _TooLarge
             return message
 
-        async def tracked_send(message: dict) -> None:
+        async def guarded_send(message: dict) -> None:
             nonlocal started
+            if over and not started:
+                return  # the app's answer to a body we cut short; the 413 below replaces it
             started = started or message["type"] == "http.response.start"
             await send(message)
 
         try:
-            await self.app(scope, counted_receive, tracked_send)
-        except _TooLarge:
-            if started:
+            await self.app(scope, counted_receive, guarded_send)
+        except Exception:
+            if not over or started:
                 raise
+        if over and not started:
             await self._reject(scope, receive, send)
 
     async def _reject(self, scope: dict, receive: Any, send: Any) -> None:
         mb = self.max_bytes / 1024**2
-        response = JSONResponse({"detail": f"the upload is larger than the limit of {mb:g} MB"}, status_code=413)
-        await response(scope, receive, send)
+        await error_response(413, f"the upload is larger than the limit of {mb:g} MB")(scope, receive, send)
 
 
-def create_app(predictor: Predictor, max_upload_mb: float = 512, max_new_tokens_limit: int = 1024) -> FastAPI:
-    """A FastAPI app serving `predictor`; uploads over `max_upload_mb` are refused with 413."""
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error as an `ErrorOut` body: HTTP errors, invalid fields, unreadable volumes, and the unexpected.
+
+    Validation errors keep each field's location and message but not its input, which for a file
+    field would echo the upload. An unexpected exception is a 500 whose log line carries its type and
+    where it was raised, not its message (messages can quote paths and file contents).
+    """
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", ""))} for e in exc.errors()]
+        summary = "; ".join(f"{'.'.join(e['loc'][1:]) or 'request'}: {e['msg']}" for e in errors[:5])
+        return error_response(422, f"invalid request: {summary}", errors)
+
+    @app.exception_handler(VolumeError)
+    async def _volume(request: Request, exc: VolumeError) -> JSONResponse:
+        return error_response(413 if isinstance(exc, VolumeTooLarge) else 400, str(exc))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+        where = f"{Path(frame.filename).name}:{frame.lineno}" if frame else "?"
+        logger.error("internal error in %s %s: %s at %s", request.method, request.url.path, type(exc).__name__, where)
+        return error_response(500, f"internal error ({type(exc).__name__}); the server log has where it happened")
+
+
+def create_app(
+    predictor: Predictor,
+    max_upload_mb: float = 512,
+    max_new_tokens_limit: int = 1024,
+    limits: ReadLimits = SERVER_LIMITS,
+) -> FastAPI:
+    """A FastAPI app serving `predictor`; uploads over `max_upload_mb` are refused with 413.
+
+    `limits` bound each read (the claimed voxel count and unpacked size, see `ReadLimits`); the default
+    is lower than the library's, since a server reads for many clients.
+    """
     max_bytes = int(max_upload_mb * 1024**2)
     # FastAPIOffline: /docs and /redoc load Swagger UI and ReDoc from the package, not from a CDN.
     app = FastAPIOffline(
@@ -150,6 +221,7 @@ def create_app(predictor: Predictor, max_upload_mb: float = 512, max_new_tokens_
         "Upload a NIfTI/NRRD/MHA/.npy/multi-frame DICOM file or a zip of a DICOM series. Research use only.",
     )
     app.add_middleware(BodyLimit, max_bytes=max_bytes)
+    install_error_handlers(app)
     default_tokens = min(predictor.settings.max_new_tokens, max_new_tokens_limit)
 
     def stored(upload: UploadFile, folder: str) -> tuple[Path, str]:
@@ -168,17 +240,18 @@ def create_app(predictor: Predictor, max_upload_mb: float = 512, max_new_tokens_
         return path, name
 
     def with_upload(upload: UploadFile, action: Any) -> Any:
-        """`action(path, name)` on the stored upload; unreadable volumes become 400."""
+        """`action(path, name)` on the stored upload; unreadable volumes become 400, oversized ones 413."""
         with tempfile.TemporaryDirectory(prefix="med3dvlm-api-") as folder:
             path, name = stored(upload, folder)
             try:
                 return action(path, name)
             except VolumeError as err:
                 logger.info("rejected an unreadable upload (%s)", type(err).__name__)
-                raise HTTPException(400, str(err)) from None
+                status = 413 if isinstance(err, VolumeTooLarge) else 400
+                raise HTTPException(status, scrub_paths(str(err), {folder: "", str(path): name})) from None
 
     def generate(upload: UploadFile, question: Optional[str], settings: dict[str, Any], series_uid: Optional[str]) -> PredictionOut:
-        prepared = with_upload(upload, lambda path, name: predictor.prepare(path, series_uid=series_uid, name=name))
+        prepared = with_upload(upload, lambda path, name: predictor.prepare(path, series_uid=series_uid, name=name, limits=limits))
         return PredictionOut(**predictor.predict(prepared, question, **settings).to_dict())
 
     @app.get("/health", response_model=HealthOut)
@@ -222,7 +295,7 @@ def create_app(predictor: Predictor, max_upload_mb: float = 512, max_new_tokens_
     def embed(file: UploadFile = File(..., description="The scan, as for /report.")) -> EmbeddingOut:
         """The contrastive image embedding of a scan (the index's model)."""
         require_index()
-        vector = with_upload(file, lambda path, name: predictor.embed_image(path, name=name))
+        vector = with_upload(file, lambda path, name: predictor.embed_image(path, name=name, limits=limits))
         return EmbeddingOut(embedding=vector, dim=len(vector), model=Path(predictor.index.meta["model_dir"]).name)
 
     @app.post("/search", response_model=SearchOut, responses=_errors(400, 413, 415, 503))
@@ -236,7 +309,7 @@ def create_app(predictor: Predictor, max_upload_mb: float = 512, max_new_tokens_
         if (file is None) == (text is None):
             raise HTTPException(400, "give exactly one of a file or a text to search with")
         if file is not None:
-            hits = with_upload(file, lambda path, name: predictor.search(path=path, k=k, name=name))
+            hits = with_upload(file, lambda path, name: predictor.search(path=path, k=k, name=name, limits=limits))
             return SearchOut(query="image", hits=[HitOut(**h) for h in hits])
         try:
             hits = predictor.search(text=text, k=k)

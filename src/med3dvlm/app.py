@@ -5,8 +5,10 @@ binds to 127.0.0.1 with no public share link, accepts NIfTI, NRRD, MHA, .npy, mu
 zipped DICOM series (not only .nii.gz), applies the model's stored preprocessing (the original fed raw
 HU), limits the upload size and type, and handles constant volumes and files without ground truth.
 
-Privacy: nothing here logs file names or DICOM fields; analytics are off, and the page uses system
-fonts so it makes no request outside this machine.
+Privacy: nothing here logs file names, temporary paths or DICOM fields, on success or on error:
+gradio prints every raised error with its traceback unless told not to, so every message to the user
+goes through `_user_error`, which tells it not to. Analytics are off, and the page uses system fonts
+so it makes no request outside this machine.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import traceback
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +30,7 @@ import numpy as np  # noqa: E402
 from .data.preprocess import WINDOW_PRESETS, describe_range, window_bounds  # noqa: E402
 from .data.volume import VolumeError, reorient  # noqa: E402
 from .inference import Predictor, PreparedImage  # noqa: E402
-from .uploads import UPLOAD_SUFFIXES  # noqa: E402
+from .uploads import UPLOAD_SUFFIXES, scrub_paths  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +38,18 @@ PLANES = ("axial", "coronal", "sagittal")
 AUTO = "auto (min-max)"
 WINDOW_CHOICES = [AUTO, *WINDOW_PRESETS]
 DISCLAIMER = "Research software: not a medical device, not for diagnosis."
+
+
+def _user_error(message: str) -> gr.Error:
+    """An error shown in the page and not printed to the server's console (gradio prints tracebacks by default)."""
+    return gr.Error(scrub_paths(message), print_exception=False)
+
+
+def _unexpected(what: str, err: Exception) -> gr.Error:
+    # The type and where, never the message: messages can quote paths and file contents.
+    frame = traceback.extract_tb(err.__traceback__)[-1] if err.__traceback__ else None
+    logger.error("%s failed: %s at %s", what, type(err).__name__, f"{Path(frame.filename).name}:{frame.lineno}" if frame else "?")
+    return _user_error(f"{what} failed ({type(err).__name__}); the server log says where")
 
 
 @dataclass
@@ -112,10 +127,14 @@ def create_demo(predictor: Predictor, examples: Sequence[str | os.PathLike] = ()
         name = Path(path).name
         try:
             prepared = predictor.prepare(path, keep_volume=True, name=name)
+            volume = reorient(prepared.volume, "LPS") if prepared.volume.orientation != "oblique" else prepared.volume
         except VolumeError as err:
-            raise gr.Error(str(err)) from None
-        volume = reorient(prepared.volume, "LPS") if prepared.volume.orientation != "oblique" else prepared.volume
-        loaded = Loaded(prepared, np.asarray(volume.array), volume.spacing, describe_range(volume.array) == "hu", path, name)
+            raise _user_error(str(err)) from None
+        except Exception as err:  # noqa: BLE001 - the page must say something, and the log must not say the name
+            raise _unexpected("reading the scan", err) from None
+        # HU display windows only for CT (or unknown) in HU: an MR volume can have HU-like ranges.
+        is_hu = describe_range(volume.array) == "hu" and volume.modality in ("CT", "unknown")
+        loaded = Loaded(prepared, np.asarray(volume.array), volume.spacing, is_hu, path, name)
         prepared.volume = None  # the viewer keeps its own (reoriented) copy
         sizes = loaded.array.shape
         sliders = [gr.Slider(minimum=0, maximum=n - 1, value=n // 2, step=1, interactive=True) for n in (sizes[0], sizes[1], sizes[2])]
@@ -130,33 +149,41 @@ def create_demo(predictor: Predictor, examples: Sequence[str | os.PathLike] = ()
 
     def report(loaded: Loaded | None) -> Iterator[str]:
         if loaded is None:
-            raise gr.Error("Upload a scan or pick an example first.")
+            raise _user_error("Upload a scan or pick an example first.")
         text = ""
-        for piece in predictor.stream(loaded.prepared, None, max_new_tokens=tokens):
-            text += piece
-            yield text
+        try:
+            for piece in predictor.stream(loaded.prepared, None, max_new_tokens=tokens):
+                text += piece
+                yield text
+        except Exception as err:  # noqa: BLE001
+            raise _unexpected("generating the report", err) from None
         yield text.strip() or "(the model produced no text)"
 
     def ask(loaded: Loaded | None, question: str, history: list[dict[str, Any]]) -> Iterator[tuple]:
         if loaded is None:
-            raise gr.Error("Upload a scan or pick an example first.")
+            raise _user_error("Upload a scan or pick an example first.")
         question = (question or "").strip()
         if not question:
-            raise gr.Error("Type a question first.")
+            raise _user_error("Type a question first.")
         history = [*history, {"role": "user", "content": question}, {"role": "assistant", "content": ""}]
-        for piece in predictor.stream(loaded.prepared, question, max_new_tokens=tokens):
-            history[-1]["content"] += piece
-            yield "", history
+        try:
+            for piece in predictor.stream(loaded.prepared, question, max_new_tokens=tokens):
+                history[-1]["content"] += piece
+                yield "", history
+        except Exception as err:  # noqa: BLE001
+            raise _unexpected("answering", err) from None
         history[-1]["content"] = history[-1]["content"].strip() or "(no answer)"
         yield "", history
 
     def similar(loaded: Loaded | None) -> list[list[Any]]:
         if loaded is None:
-            raise gr.Error("Upload a scan or pick an example first.")
+            raise _user_error("Upload a scan or pick an example first.")
         try:
             hits = predictor.search(path=loaded.path, k=5, name=loaded.name)
         except VolumeError as err:
-            raise gr.Error(str(err)) from None
+            raise _user_error(str(err)) from None
+        except Exception as err:  # noqa: BLE001
+            raise _unexpected("the similar-case search", err) from None
         return [[h["rank"], round(h["score"], 4), h["case"], (h["report"] or "")[:300]] for h in hits]
 
     with gr.Blocks(title="med3dvlm", analytics_enabled=False) as demo:

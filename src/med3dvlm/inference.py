@@ -25,11 +25,12 @@ from typing import Any
 
 import torch
 
-from .data.preprocess import IntensityWarning, PreprocessSpec, preprocess_with_report
+from .data.limits import ReadLimits
+from .data.preprocess import PreprocessSpec, preprocess_with_report
 from .data.readers import load_volume
-from .data.volume import Volume, VolumeError
+from .data.volume import Volume, VolumeError, VolumeTooLarge
 from .generation import GenerationSettings
-from .uploads import readable_path
+from .uploads import readable_path, scrub_paths
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +89,12 @@ class Predictor:
         spec: the preprocessing; default, the one stored with the vision encoder.
         settings: default generation settings; each call may override fields.
         index: a loaded `med3dvlm.search.CaseIndex` for /embed and /search (its contrastive model embeds).
+        limits: the largest volume a read may claim or unpack to (default `ReadLimits()`; the servers
+            pass the lower `SERVER_LIMITS`).
+        strict: refuse volumes the readers accept with a warning (uneven slice gaps, assumed spacing).
+        max_concurrent_reads: reads (file -> tensor) running at once; each may hold a volume up to
+            `limits`, so this bounds the memory of parallel requests.
+        include_private: put the DICOM series UID and description into results (off: they identify).
     """
 
     def __init__(
@@ -97,14 +104,23 @@ class Predictor:
         spec: PreprocessSpec | None = None,
         settings: GenerationSettings | None = None,
         index: Any = None,
+        limits: ReadLimits | None = None,
+        strict: bool = False,
+        max_concurrent_reads: int = 2,
+        include_private: bool = False,
     ) -> None:
         self.model = model.eval()
         self.model_name = model_name
         self.spec = spec or PreprocessSpec.for_model(model.vision.config)
         self.settings = settings or prediction_settings()
         self.index = index
+        self.limits = limits or ReadLimits()
+        self.strict = strict
+        self.include_private = include_private
         # Generation seeds torch's global RNG and the model is not re-entrant: one request at a time.
         self._lock = threading.Lock()
+        # Reads run outside that lock (they need no model), so without a bound N uploads held N volumes.
+        self._reads = threading.BoundedSemaphore(max(1, int(max_concurrent_reads)))
 
     @classmethod
     def from_dir(
@@ -114,8 +130,12 @@ class Predictor:
         clip_dir: str | os.PathLike | None = None,
         settings: GenerationSettings | None = None,
         device: str | None = None,
+        **options: Any,
     ) -> Predictor:
-        """Load a saved VLM folder or hub id, and a case index (with its contrastive model, or `clip_dir`) if given."""
+        """Load a saved VLM folder or hub id, and a case index (with its contrastive model, or `clip_dir`) if given.
+
+        `options` are the reading options of `Predictor` (limits, strict, max_concurrent_reads, include_private).
+        """
         from .hub import CONFIG_NAME, is_repo_id, resolve_model_dir
         from .loading import load_for_inference, resolve_device
 
@@ -130,7 +150,7 @@ class Predictor:
             from .search import CaseIndex
 
             index = CaseIndex(index_dir, device=device, model_dir=clip_dir)
-        return cls(model, model_name=name, settings=settings, index=index)
+        return cls(model, model_name=name, settings=settings, index=index, **options)
 
     @property
     def has_index(self) -> bool:
@@ -146,36 +166,79 @@ class Predictor:
         return settings
 
     # -- reading -------------------------------------------------------------------------------
-    def prepare(
-        self, path: str | os.PathLike, series_uid: str | None = None, keep_volume: bool = False, name: str | None = None
+    def read(
+        self,
+        path: str | os.PathLike,
+        spec: PreprocessSpec,
+        series_uid: str | None = None,
+        name: str | None = None,
+        limits: ReadLimits | None = None,
+        keep_volume: bool = False,
     ) -> PreparedImage:
-        """Read a file, DICOM folder or zipped series and preprocess it as the model expects.
+        """The one path from a file (any type, a zip too) to a model input: read, check, preprocess with `spec`.
 
-        `name` replaces the path in the result and in error messages (e.g. the original name of an
-        upload stored under a temporary name).
+        Reports, answers, embeddings and search all read through here, so the same checks and the same
+        intensity mapping apply to all of them. At most `max_concurrent_reads` run at once.
 
         Raises:
-            VolumeError: the input cannot be read; the message names it and says why.
+            VolumeError: naming `name` (else the path) and the reason, never a server path;
+                `VolumeTooLarge` when the volume is over the read limits.
         """
         start = time.perf_counter()
         shown = name or str(path)
-        try:
-            with readable_path(path) as real, warnings.catch_warnings():
-                # Range mismatches are recorded in the report; the warning itself would only repeat it.
-                warnings.simplefilter("ignore", IntensityWarning)
-                volume = load_volume(real, series_uid=series_uid)
-                tensor, report = preprocess_with_report(volume, self.spec)
-        except VolumeError as err:
-            raise VolumeError(shown, err.reason) from None
+        limits = limits or self.limits
+        real: Path | None = None
+        with self._reads:
+            try:
+                with readable_path(path, limits=limits) as real, warnings.catch_warnings(record=True) as caught:
+                    # Range mismatches are recorded in the report, and library warnings can quote file
+                    # names or DICOM values: none of them may reach stderr or a log.
+                    warnings.simplefilter("always")
+                    volume = load_volume(real, series_uid=series_uid, limits=limits, strict=self.strict)
+                    tensor, report = preprocess_with_report(volume, spec, include_private=self.include_private)
+            except VolumeError as err:
+                raise type(err)(shown, self._hide(err.reason, path, real, shown)) from None
+            except MemoryError:
+                raise VolumeTooLarge(shown, "the volume does not fit in this machine's memory") from None
+        if caught:
+            logger.debug("%d library warning(s) while reading (%s)", len(caught), ", ".join(sorted({w.category.__name__ for w in caught})))
         preprocessing = report.to_dict()
-        preprocessing["spec"] = self.spec.to_dict()
+        preprocessing["spec"] = spec.to_dict()
         if volume.source != shown:  # an upload's temporary name or an extracted zip's folder: show the input
             preprocessing["input"]["source"] = shown
-            preprocessing["warnings"] = [w.replace(volume.source, shown) for w in preprocessing["warnings"]]
+            preprocessing["warnings"] = [self._hide(w, path, real, shown) for w in preprocessing["warnings"]]
         seconds = time.perf_counter() - start
         # Shapes and timings only: file names can carry patient identifiers.
         logger.info("read a volume of shape %s in %.2f s", list(volume.shape), seconds)
         return PreparedImage(shown, tensor, preprocessing, volume if keep_volume else None, seconds)
+
+    @staticmethod
+    def _hide(text: str, path: str | os.PathLike, real: Path | None, shown: str) -> str:
+        """`text` with the input's real (temporary) paths shown as `shown`, and no other absolute path."""
+        replacements = {str(path): shown}
+        if real is not None:
+            replacements[str(real)] = shown
+            if real != Path(path):  # inside an extracted zip: the temporary folder
+                replacements[str(real.parent)] = shown
+        return scrub_paths(text, replacements)
+
+    def prepare(
+        self,
+        path: str | os.PathLike,
+        series_uid: str | None = None,
+        keep_volume: bool = False,
+        name: str | None = None,
+        limits: ReadLimits | None = None,
+    ) -> PreparedImage:
+        """Read a file, DICOM folder or zipped series and preprocess it as the VLM expects.
+
+        `name` replaces the path in the result and in error messages (e.g. the original name of an
+        upload stored under a temporary name). `limits` overrides the predictor's read limits.
+
+        Raises:
+            VolumeError: the input cannot be read; the message names it and says why.
+        """
+        return self.read(path, self.spec, series_uid=series_uid, name=name, limits=limits, keep_volume=keep_volume)
 
     # -- generation ----------------------------------------------------------------------------
     def predict(
@@ -244,15 +307,11 @@ class Predictor:
             raise LookupError("no case index is loaded; start with --index DIR (built by `med3dvlm index build`)")
         return self.index
 
-    def embed_image(self, path: str | os.PathLike, name: str | None = None) -> list[float]:
-        """The contrastive image embedding (unit norm) of a scan."""
+    def embed_image(self, path: str | os.PathLike, name: str | None = None, limits: ReadLimits | None = None) -> list[float]:
+        """The contrastive image embedding (unit norm) of a scan, read as `prepare` reads (the index model's spec)."""
         index = self._require_index()
-        try:
-            with readable_path(path) as real:
-                vector = index.embed_image(real)
-        except VolumeError as err:
-            raise VolumeError(name or str(path), err.reason) from None
-        return torch.nn.functional.normalize(vector.float(), dim=-1)[0].tolist()
+        prepared = self.read(path, index.spec, name=name, limits=limits)
+        return torch.nn.functional.normalize(index.embed_tensor(prepared.tensor).float(), dim=-1)[0].tolist()
 
     def embed_text(self, text: str) -> list[float]:
         """The contrastive text embedding (unit norm) of a report or description."""
@@ -265,13 +324,14 @@ class Predictor:
         text: str | None = None,
         k: int = 5,
         name: str | None = None,
+        limits: ReadLimits | None = None,
     ) -> list[dict[str, Any]]:
         """The `k` most similar indexed cases to a scan or a text, best first."""
         index = self._require_index()
         if (path is None) == (text is None):
             raise ValueError("give exactly one of an image or a text to search with")
         if path is not None:
-            embedding = torch.tensor([self.embed_image(path, name=name)])
+            embedding = torch.tensor([self.embed_image(path, name=name, limits=limits)])
         else:
             embedding = torch.tensor([self.embed_text(text or "")])
         return [h.to_dict() for h in index.query(embedding, k=k)]

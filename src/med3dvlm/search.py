@@ -27,6 +27,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from .data.limits import ReadLimits
+from .data.preprocess import PreprocessSpec, load_for_model
 from .data.readers import VOLUME_SUFFIXES, discover_volumes
 from .fileio import write_json_atomic
 from .loading import load_contrastive
@@ -55,16 +57,13 @@ class Hit:
         return dict(self.__dict__)
 
 
-def load_query_image(path: str | os.PathLike, model: Any) -> torch.Tensor:
-    """A (1, D, H, W) model input from a prepared .npy ([0, 1], resized) or a raw scan (full preprocessing)."""
-    from .data.datasets import load_image
-    from .data.preprocess import PreprocessSpec
+def load_query_image(path: str | os.PathLike, model: Any, limits: ReadLimits | None = None) -> torch.Tensor:
+    """A (1, D, H, W) model input: the file read and preprocessed with the spec stored in `model`'s config.
 
-    path = Path(path)
-    size = tuple(model.config.input_size)
-    if path.suffix == ".npy":
-        return load_image(path, size)  # type: ignore[arg-type]
-    return load_image(path, size, spec=PreprocessSpec.for_model(model.config))  # type: ignore[arg-type]
+    Every file type takes this one path. A prepared .npy used to skip the preprocessing, so the same
+    volume in HU and min-maxed embedded far apart (cosine -0.4) and a 1x1x1 array was accepted.
+    """
+    return load_for_model(path, model.config, limits=limits)[0]
 
 
 @torch.no_grad()
@@ -155,7 +154,7 @@ def build_index(
         "items": records,
     }
     write_json_atomic(out / INDEX_JSON, meta, indent=1)  # the JSON last: an index without it is visibly incomplete
-    logger.info("indexed %d scans from %s in %.1f s", len(records), source, time.perf_counter() - t0)
+    logger.info("indexed %d scans in %.1f s", len(records), time.perf_counter() - t0)  # no path: it can name a patient
     return {"index": str(out), "count": len(records), "has_text": meta["has_text"], "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -212,10 +211,19 @@ class CaseIndex:
     def __len__(self) -> int:
         return len(self.meta["items"])
 
+    @property
+    def spec(self) -> PreprocessSpec:
+        """The preprocessing of the index's contrastive model (what `embed_tensor` expects)."""
+        return PreprocessSpec.for_model(self.model.config)
+
     @torch.no_grad()
-    def embed_image(self, path: str | os.PathLike) -> torch.Tensor:
-        image = load_query_image(path, self.model).unsqueeze(0).to(next(self.model.parameters()).device)
-        return self.model.encode_image(image).float().cpu()
+    def embed_image(self, path: str | os.PathLike, limits: ReadLimits | None = None) -> torch.Tensor:
+        return self.embed_tensor(load_query_image(path, self.model, limits=limits))
+
+    @torch.no_grad()
+    def embed_tensor(self, image: torch.Tensor) -> torch.Tensor:
+        """The (1, E) embedding of one preprocessed (1, D, H, W) image."""
+        return self.model.encode_image(image.unsqueeze(0).to(next(self.model.parameters()).device)).float().cpu()
 
     @torch.no_grad()
     def embed_text(self, text: str) -> torch.Tensor:

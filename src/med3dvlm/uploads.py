@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import stat
 import tempfile
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 
+from .data.limits import ReadLimits
 from .data.readers import file_suffix
-from .data.volume import VolumeError
+from .data.volume import VolumeError, VolumeTooLarge
 
 # Upload types the services accept (one file each); a DICOM series travels as a zip of its slices.
 UPLOAD_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".mha", ".npy", ".dcm", ".zip")
 MAX_ZIP_MEMBERS = 5000  # a CT series has a few hundred to ~2000 slices
-MAX_UNZIPPED_BYTES = 2 * 1024**3
+MAX_UNZIPPED_BYTES = ReadLimits().max_bytes
 _CHUNK = 1 << 20
 
 
@@ -58,7 +60,7 @@ def extract_zip(
     with zf:
         members = [m for m in zf.infolist() if not m.is_dir()]
         if len(members) > max_members:
-            raise VolumeError(archive, f"holds {len(members)} files; at most {max_members} are accepted")
+            raise VolumeTooLarge(archive, f"holds {len(members)} files; at most {max_members} are accepted")
         if not members:
             raise VolumeError(archive, "the zip archive is empty")
         for member in members:
@@ -74,28 +76,61 @@ def extract_zip(
                     while chunk := src.read(_CHUNK):
                         total += len(chunk)
                         if total > max_bytes:
-                            raise VolumeError(archive, f"unzips to more than {max_bytes / 1024**2:.0f} MB; refusing to extract")
+                            raise VolumeTooLarge(archive, f"unzips to more than {max_bytes / 1024**2:.0f} MB; refusing to extract")
                         out.write(chunk)
             except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, RuntimeError, OSError) as err:
                 raise VolumeError(archive, f"cannot extract {member.filename!r} ({err})") from None
     return dest
 
 
-def _volume_in(folder: Path) -> Path:
-    """What to read in an extracted archive: its single volume file, else the folder as a DICOM series."""
+def _volume_in(folder: Path, archive: Path) -> Path:
+    """What to read in an extracted archive: its single volume file, else the folder as a DICOM series.
+
+    A zip holding two volumes is refused here, naming them;
+    read as a series folder it was reported as "no DICOM files found", which sent people looking
+    for a DICOM problem.
+    """
     files = [p for p in folder.rglob("*") if p.is_file()]
     volumes = [p for p in files if upload_suffix(p.name) in SINGLE_VOLUME_SUFFIXES]
     if len(volumes) == 1:
         return volumes[0]
-    return folder
+    if len(volumes) > 1:
+        names = ", ".join(sorted(p.relative_to(folder).as_posix() for p in volumes)[:5])
+        raise VolumeError(archive, f"holds {len(volumes)} volume files ({names}); a zip must hold one volume or one DICOM series")
+    return folder  # slices often have no suffix or a UID for a name: the DICOM reader decides
 
 
 @contextlib.contextmanager
-def readable_path(path: str | os.PathLike, max_bytes: int = MAX_UNZIPPED_BYTES) -> Iterator[Path]:
-    """`path` itself, or for a .zip the extracted series (in a temporary folder removed on exit)."""
+def readable_path(path: str | os.PathLike, max_bytes: int | None = None, limits: ReadLimits | None = None) -> Iterator[Path]:
+    """`path` itself, or for a .zip the extracted series (in a temporary folder removed on exit).
+
+    The zip may unpack to `max_bytes`, default `limits.max_bytes` (the library's `ReadLimits()`).
+    """
     path = Path(path)
     if path.is_file() and upload_suffix(path.name) == ".zip":
+        cap = max_bytes if max_bytes is not None else (limits or ReadLimits()).max_bytes
         with tempfile.TemporaryDirectory(prefix="med3dvlm-zip-") as tmp:
-            yield _volume_in(extract_zip(path, tmp, max_bytes=max_bytes))
+            yield _volume_in(extract_zip(path, tmp, max_bytes=cap), path)
     else:
         yield path
+
+
+# An absolute path in a message: a temporary folder, ITK's build tree. Not preceded by a word
+# character or a dot, so "HU/mm" and relative names inside an archive are left alone.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.])(?:/[^\s/'\"():,]+){2,}/?")
+
+
+def scrub_paths(text: str, replacements: dict[str, str] | None = None) -> str:
+    """`text` with the given paths replaced (longest first, e.g. an upload's temporary path by its
+    original name) and any other absolute path replaced by "<path>": error details sent over the
+    network must not show the server's folders. A replacement is kept as given even when it is an
+    absolute path itself (the CLI shows the user's own path)."""
+    kept: list[str] = []
+    for old, new in sorted((replacements or {}).items(), key=lambda kv: -len(kv[0])):
+        if old and old in text:
+            text = text.replace(old, f"\0{len(kept)}\0")
+            kept.append(new)
+    text = _ABSOLUTE_PATH.sub("<path>", text)
+    for i, new in enumerate(kept):
+        text = text.replace(f"\0{i}\0", new)
+    return text

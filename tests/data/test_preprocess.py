@@ -12,6 +12,7 @@ from monai.transforms import CropForeground, Resize
 
 from med3dvlm.data import IntensityWarning, PreprocessSpec, Volume, preprocess, preprocess_with_report
 from med3dvlm.data.preprocess import WINDOW_PRESETS, apply_window, foreground_box, minmax, resize
+from med3dvlm.data.volume import VolumeError
 
 
 def test_window_math_soft_tissue():
@@ -160,9 +161,13 @@ def test_warns_when_window_spec_gets_normalized_or_8bit(kind, array):
     _no_warning(Volume(array), PreprocessSpec.m3d(size=(4, 4, 4)))
 
 
-def test_warns_for_ct_window_on_mr():
-    with pytest.warns(IntensityWarning, match="MR"):
-        preprocess(Volume(np.linspace(-300, 900, 64).reshape(4, 4, 4), modality="MR"), PreprocessSpec.ct(size=(4, 4, 4)))
+def test_ct_window_on_mr_is_an_error_and_minmax_a_warning():
+    # A HU window on MR values is noise fed to the model (issue 11): refused, naming the modality.
+    mr = Volume(np.linspace(-300, 900, 64).reshape(4, 4, 4), modality="MR")
+    with pytest.raises(VolumeError, match="modality MR: the preprocessing applies a CT Hounsfield window"):
+        preprocess(mr, PreprocessSpec.ct(size=(4, 4, 4)))
+    with pytest.warns(IntensityWarning, match="modality MR, not CT"):
+        preprocess(mr, PreprocessSpec.m3d(size=(4, 4, 4)))
 
 
 def test_load_for_model_uses_the_config_spec(tmp_path, hu_volume):

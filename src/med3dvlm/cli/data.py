@@ -45,9 +45,23 @@ def _spec_from_options(
     return PreprocessSpec.from_dict(fields)
 
 
+MAX_VOXELS_HELP = "Refuse volumes whose header claims more voxels (checked before reading; default 512*512*2048)."
+MAX_UNPACKED_HELP = "Refuse compressed files and zips that unpack to more MB (default 2048)."
+
+
+def read_limits(max_voxels: Optional[int], max_unpacked_mb: Optional[float], base=None):
+    """The `ReadLimits` of the --max-voxels/--max-unpacked-mb options (None keeps `base`, else the library default)."""
+    from ..data.limits import ReadLimits
+
+    try:
+        return ReadLimits.from_options(max_voxels, max_unpacked_mb, base=base)
+    except ValueError as err:
+        fail(str(err), 2)
+
+
 @data_app.command()
 def inspect(
-    path: Path = typer.Argument(..., help="A NIfTI/NRRD/MHA/.npy/DICOM file or a DICOM series folder."),
+    path: Path = typer.Argument(..., help="A NIfTI/NRRD/MHA/.npy/DICOM file, a DICOM series folder, or a .zip of either."),
     series: Optional[str] = typer.Option(None, "--series", help="Series UID when the folder holds several."),
     model: Optional[str] = typer.Option(None, "--model", help="Use this registered model's preprocessing spec."),
     window: Optional[str] = typer.Option(None, "--window", help="HU window preset: soft_tissue, lung, bone, brain."),
@@ -56,38 +70,44 @@ def inspect(
     size: Optional[tuple[int, int, int]] = typer.Option(None, "--size", help="Output size D H W."),
     spacing: Optional[tuple[float, float, float]] = typer.Option(None, "--spacing", help="Resample to D H W mm first."),
     no_crop: bool = typer.Option(False, "--no-crop", help="Do not crop to the foreground."),
+    strict: bool = typer.Option(False, "--strict", help="Refuse what is otherwise a warning: uneven slice gaps, an assumed spacing."),
+    max_voxels: Optional[int] = typer.Option(None, "--max-voxels", min=8, help=MAX_VOXELS_HELP),
+    max_unpacked_mb: Optional[float] = typer.Option(None, "--max-unpacked-mb", min=1, help=MAX_UNPACKED_HELP),
+    dicom_text: bool = typer.Option(False, "--dicom-text", help="Also show the DICOM series UID and description (they can identify a patient)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Print what was read (shape, spacing, orientation, modality, values) and what preprocessing made of it."""
     from ..data.preprocess import preprocess_with_report
     from ..data.readers import list_series, load_volume
     from ..data.volume import VolumeError
+    from ..uploads import readable_path, scrub_paths
 
     try:
         spec = _spec_from_options(model, window, hu_range, intensity, size, spacing, no_crop)
     except (KeyError, ValueError) as err:
         fail(error_message(err), 2)
-    if path.is_dir() and series is None:
-        try:
-            found = list_series(path)
-        except VolumeError as err:
-            fail(str(err))
-        if len(found) > 1:
-            if as_json:
-                typer.echo(json.dumps({"path": str(path), "series": [s.to_dict() for s in found]}, indent=2))
-            else:
-                typer.echo(f"{path} holds {len(found)} DICOM series:")
-                for s in found:
-                    typer.echo(f"  {s.uid}  {s.modality:<4} {s.num_files:>4} files  {s.rows}x{s.columns}  {s.description}")
-            fail("several series; choose one with --series UID", 2)
+    limits = read_limits(max_voxels, max_unpacked_mb)
+    real = path
+
+    def shown(text: str) -> str:  # inside a zip: the archive's name, not the temporary folder
+        return text if real == path else scrub_paths(text, {str(real): str(path), str(real.parent): str(path)})
+
     try:
-        volume = load_volume(path, series_uid=series)
-        with warnings.catch_warnings():
-            # The report carries the warnings; printing them twice would only add noise.
-            warnings.simplefilter("ignore")
-            _, report = preprocess_with_report(volume, spec)
+        with readable_path(path, limits=limits) as real:
+            if real.is_dir() and series is None:
+                found = list_series(real)
+                if len(found) > 1:
+                    _print_series(path, found, as_json, dicom_text)
+                    fail("several series; choose one with --series UID", 2)
+            volume = load_volume(real, series_uid=series, limits=limits, strict=strict)
+            with warnings.catch_warnings():
+                # The report carries the warnings; printing them twice would only add noise.
+                warnings.simplefilter("ignore")
+                _, report = preprocess_with_report(volume, spec, include_private=dicom_text)
     except VolumeError as err:
-        fail(str(err))
+        fail(shown(str(err)))
+    report.input["source"] = str(path)
+    report.warnings = [shown(w) for w in report.warnings]
     payload = {"read": report.input, "spec": spec.to_dict(), "steps": report.steps, "output": report.output, "warnings": report.warnings}
     if as_json:
         typer.echo(json.dumps(payload, indent=2, default=str))
@@ -98,10 +118,30 @@ def inspect(
     typer.echo(f"  spacing   {' x '.join(f'{s:g}' for s in r['spacing'])} mm")
     typer.echo(f"  orient.   {r['orientation']}    modality {r['modality']}")
     typer.echo(f"  values    [{r['min']:g}, {r['max']:g}], mean {r['mean']:.4g} (looks like: {r['looks_like']})")
+    gaps = r.get("meta", {}).get("slice_gaps")
+    if gaps:
+        typer.echo(f"  gaps      {gaps['min_mm']:g} to {gaps['max_mm']:g} mm (median {gaps['median_mm']:g}), about {gaps['missing_estimate']} slice(s) missing")
+    for key, value in r.get("dicom", {}).items():
+        typer.echo(f"  {key:<9} {value}")
     typer.echo("preprocess  " + (", ".join(report.steps) or "nothing to do"))
     typer.echo(f"  output    {' x '.join(map(str, o['shape']))} float32, [{o['min']:.4g}, {o['max']:.4g}], mean {o['mean']:.4g}")
     for w in report.warnings:
         typer.echo(f"warning: {w}", err=True)
+
+
+def _print_series(path: Path, found: list, as_json: bool, dicom_text: bool) -> None:
+    """The series of a folder, to choose one with --series; descriptions (free text) only with --dicom-text."""
+    rows = [s.to_dict() for s in found]
+    if not dicom_text:
+        for row in rows:
+            row.pop("description", None)
+    if as_json:
+        typer.echo(json.dumps({"path": str(path), "series": rows}, indent=2))
+        return
+    typer.echo(f"{path} holds {len(found)} DICOM series:")
+    for s in found:
+        text = f"  {s.description}" if dicom_text else ""
+        typer.echo(f"  {s.uid}  {s.modality:<4} {s.num_files:>4} files  {s.rows}x{s.columns}{text}")
 
 
 @data_app.command()

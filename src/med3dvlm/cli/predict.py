@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 import typer
 
+from .data import MAX_UNPACKED_HELP, MAX_VOXELS_HELP, read_limits
 from .root import fail, root
 
 
@@ -61,8 +62,13 @@ def predict(
     index: Optional[Path] = typer.Option(None, "--index", help="Also list similar cases from this case index."),
     k: int = typer.Option(3, "--k", min=1, help="Similar cases to list with --index."),
     device: Optional[str] = typer.Option(None, "--device"),
+    strict: bool = typer.Option(False, "--strict", help="Refuse what is otherwise a warning: uneven slice gaps, an assumed spacing."),
+    max_voxels: Optional[int] = typer.Option(None, "--max-voxels", min=8, help=MAX_VOXELS_HELP),
+    max_unpacked_mb: Optional[float] = typer.Option(None, "--max-unpacked-mb", min=1, help=MAX_UNPACKED_HELP),
+    dicom_text: bool = typer.Option(False, "--dicom-text", help="Put the DICOM series UID and description in the JSON (they can identify a patient)."),
 ) -> None:
     """Generate a report (default) or answer --question for a scan, or for every scan of --batch."""
+    from ..data.readers import check_path
     from ..data.volume import VolumeError
     from ..inference import Predictor, prediction_settings
     from ..search import SearchIndexError
@@ -71,11 +77,16 @@ def predict(
         fail("give exactly one of --image PATH or --batch FOLDER_OR_CSV", 2)
     if out is not None and batch is None:
         fail("--out is for --batch; a single result goes to stdout", 2)
-    if image is not None and not image.exists():
-        fail(f"{image}: no such file or directory", 2)
+    if image is not None:
+        try:
+            check_path(image)  # before the model loads: a missing file, a broken link or a loop, said plainly
+        except VolumeError as err:
+            fail(str(err), 2)
+    limits = read_limits(max_voxels, max_unpacked_mb)
     settings = prediction_settings(max_new_tokens=max_new_tokens, do_sample=sample, temperature=temperature, top_p=top_p, seed=seed)
     try:
-        predictor = Predictor.from_dir(model, index_dir=index, settings=settings, device=device)
+        predictor = Predictor.from_dir(model, index_dir=index, settings=settings, device=device,
+                                       limits=limits, strict=strict, include_private=dicom_text)
     except (FileNotFoundError, SearchIndexError, TypeError, ValueError, OSError) as err:
         fail(str(err))
     if image is not None:

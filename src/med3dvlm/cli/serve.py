@@ -7,15 +7,25 @@ from typing import Optional
 
 import typer
 
+from .data import read_limits
 from .root import fail, root
 
 
-def _load(model: str, index: Optional[Path], max_new_tokens: int, device: Optional[str]):
+SERVER_VOXELS_HELP = "Refuse uploads whose header claims more voxels (checked before reading; default 512*512*1024)."
+SERVER_UNPACKED_HELP = "Refuse compressed uploads and zips that unpack to more MB (default 1024)."
+READS_HELP = "Uploads read at once; each may hold a volume up to the limits, so this bounds memory."
+
+
+def _load(model: str, index: Optional[Path], max_new_tokens: int, device: Optional[str], max_voxels: Optional[int] = None,
+          max_unpacked_mb: Optional[float] = None, max_reads: int = 2, strict: bool = False):
+    from ..data.limits import SERVER_LIMITS
     from ..inference import Predictor, prediction_settings
     from ..search import SearchIndexError
 
+    limits = read_limits(max_voxels, max_unpacked_mb, base=SERVER_LIMITS)  # a server reads for many: lower limits
     try:
-        return Predictor.from_dir(model, index_dir=index, settings=prediction_settings(max_new_tokens=max_new_tokens), device=device)
+        return Predictor.from_dir(model, index_dir=index, settings=prediction_settings(max_new_tokens=max_new_tokens), device=device,
+                                  limits=limits, strict=strict, max_concurrent_reads=max_reads)
     except (FileNotFoundError, SearchIndexError, TypeError, ValueError, OSError) as err:
         fail(str(err))
 
@@ -35,16 +45,20 @@ def serve(
     max_upload_mb: float = typer.Option(512, "--max-upload-mb", min=1, help="Larger requests get 413."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1, help="Default answer length."),
     device: Optional[str] = typer.Option(None, "--device"),
+    max_voxels: Optional[int] = typer.Option(None, "--max-voxels", min=8, help=SERVER_VOXELS_HELP),
+    max_unpacked_mb: Optional[float] = typer.Option(None, "--max-unpacked-mb", min=1, help=SERVER_UNPACKED_HELP),
+    max_reads: int = typer.Option(2, "--max-concurrent-reads", min=1, help=READS_HELP),
+    strict: bool = typer.Option(False, "--strict", help="Refuse uploads with uneven slice gaps or an assumed spacing."),
 ) -> None:
     """Serve /report, /vqa, /embed and /search over HTTP (OpenAPI schema at /openapi.json)."""
     import uvicorn
 
     from ..api import create_app
 
-    predictor = _load(model, index, max_new_tokens, device)
+    predictor = _load(model, index, max_new_tokens, device, max_voxels, max_unpacked_mb, max_reads, strict)
     _warn_if_public(host)
     # No access log: request lines are harmless, but keeping logs to what we write ourselves is simpler to audit.
-    uvicorn.run(create_app(predictor, max_upload_mb=max_upload_mb), host=host, port=port, access_log=False)
+    uvicorn.run(create_app(predictor, max_upload_mb=max_upload_mb, limits=predictor.limits), host=host, port=port, access_log=False)
 
 
 @root.command("app")
@@ -57,11 +71,15 @@ def web_app(
     max_upload_mb: float = typer.Option(512, "--max-upload-mb", min=1),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", min=1),
     device: Optional[str] = typer.Option(None, "--device"),
+    max_voxels: Optional[int] = typer.Option(None, "--max-voxels", min=8, help=SERVER_VOXELS_HELP),
+    max_unpacked_mb: Optional[float] = typer.Option(None, "--max-unpacked-mb", min=1, help=SERVER_UNPACKED_HELP),
+    max_reads: int = typer.Option(2, "--max-concurrent-reads", min=1, help=READS_HELP),
+    strict: bool = typer.Option(False, "--strict", help="Refuse uploads with uneven slice gaps or an assumed spacing."),
 ) -> None:
     """The web app: upload or pick a scan, browse its slices, generate a report, chat about it."""
     from ..app import launch
 
-    predictor = _load(model, index, max_new_tokens, device)
+    predictor = _load(model, index, max_new_tokens, device, max_voxels, max_unpacked_mb, max_reads, strict)
     _warn_if_public(host)
     typer.echo(f"starting the web app on http://{host}:{port}/ (Ctrl+C to stop)", err=True)
     launch(predictor, host=host, port=port, max_upload_mb=max_upload_mb, examples=examples)

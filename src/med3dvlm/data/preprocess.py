@@ -21,7 +21,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .volume import Volume, reorient
+from .limits import ReadLimits
+from .volume import Volume, VolumeError, reorient
 
 logger = logging.getLogger(__name__)
 
@@ -209,14 +210,21 @@ def describe_range(array: np.ndarray) -> str:
 
 def _check_input(volume: Volume, spec: PreprocessSpec, kind: str) -> list[str]:
     msgs = []
+    if volume.modality not in ("CT", "unknown"):
+        if spec.intensity == "window":
+            # A Hounsfield window means nothing for MR or PET values: refuse rather than feed noise.
+            raise VolumeError(
+                volume.source,
+                f"modality {volume.modality}: the preprocessing applies a CT Hounsfield window {spec.hu_range}, which "
+                "is meaningless for this modality; use a CT scan, or a spec with intensity='minmax'",
+            )
+        msgs.append(f"{volume.source}: modality {volume.modality}, not CT; the models here are trained on CT, so results may be meaningless")
     if spec.intensity == "window" and kind in ("unit", "8bit"):
         what = "already normalized to [0, 1]" if kind == "unit" else "an already windowed 8-bit image"
         msgs.append(
             f"{volume.source}: the spec windows Hounsfield units {spec.hu_range} but the input looks {what} "
             f"(range {volume.value_range()}); use intensity='minmax' or 'none' for such data"
         )
-    elif spec.intensity == "window" and volume.modality not in ("CT", "unknown"):
-        msgs.append(f"{volume.source}: the spec applies a CT HU window to a {volume.modality} image")
     elif spec.intensity in ("minmax", "none") and kind == "hu":
         msgs.append(
             f"{volume.source}: the input looks like raw Hounsfield units (range {volume.value_range()}) but the spec "
@@ -227,13 +235,21 @@ def _check_input(volume: Volume, spec: PreprocessSpec, kind: str) -> list[str]:
     return msgs
 
 
-def preprocess_with_report(volume: Volume, spec: PreprocessSpec) -> tuple[torch.Tensor, PreprocessReport]:
+def preprocess_with_report(
+    volume: Volume, spec: PreprocessSpec, include_private: bool = False
+) -> tuple[torch.Tensor, PreprocessReport]:
     """Apply `spec` to `volume`: a (1, D, H, W) float32 tensor in [0, 1], plus what was done.
 
-    Range mismatches (HU expected but the input looks normalized, or the reverse) are warned with
-    `IntensityWarning` and recorded in the report.
+    Range mismatches (HU expected but the input looks normalized, or the reverse) and a non-CT
+    modality are warned with `IntensityWarning` and recorded in the report, after what the reader
+    itself noticed (`volume.warnings`: uneven slice gaps, an assumed spacing). The report's input
+    holds geometry and values; the DICOM series UID and description only with `include_private`.
+
+    Raises:
+        VolumeError: a HU window is asked for on a volume whose modality is not CT.
     """
-    report = PreprocessReport(input=volume.summary())
+    report = PreprocessReport(input=volume.summary(include_private=include_private))
+    report.warnings.extend(volume.warnings)
     kind = describe_range(volume.array)
     report.input["looks_like"] = kind
     for msg in _check_input(volume, spec, kind):
@@ -268,8 +284,7 @@ def preprocess_with_report(volume: Volume, spec: PreprocessSpec) -> tuple[torch.
         box = foreground_box(array, spec.foreground_threshold)
         if box is None:
             msg = f"{volume.source}: no voxel above {spec.foreground_threshold:g} after the intensity step; nothing cropped"
-            report.warnings.append(msg)
-            logger.warning(msg)
+            report.warnings.append(msg)  # not logged: the message names the file
         elif tuple(b.stop - b.start for b in box) != array.shape:
             report.steps.append(f"crop foreground {list(array.shape)} -> {[b.stop - b.start for b in box]}")
             array = array[box]
@@ -295,13 +310,27 @@ def preprocess(volume: Volume, spec: PreprocessSpec | None = None) -> torch.Tens
 
 
 def load_for_model(
-    path: Any, config_or_spec: Any, series_uid: str | None = None
+    path: Any,
+    config_or_spec: Any,
+    series_uid: str | None = None,
+    limits: ReadLimits | None = None,
+    strict: bool = False,
+    include_private: bool = False,
 ) -> tuple[torch.Tensor, PreprocessReport]:
     """Read a file or DICOM folder and preprocess it as a model expects: (1, D, H, W) and the report.
 
     `config_or_spec` is a `PreprocessSpec` or a model config (its stored spec, else the M3D default).
+    This is the one path from a file to model input, whatever its type (a prepared .npy too), so the
+    same checks and the same intensity mapping apply to reports, answers, embeddings and search.
+    `limits` and `strict` are passed to `load_volume`.
     """
     from .readers import load_volume
 
-    spec = config_or_spec if isinstance(config_or_spec, PreprocessSpec) else PreprocessSpec.for_model(config_or_spec)
-    return preprocess_with_report(load_volume(path, series_uid=series_uid), spec)
+    spec = spec_for(config_or_spec)
+    volume = load_volume(path, series_uid=series_uid, limits=limits, strict=strict)
+    return preprocess_with_report(volume, spec, include_private=include_private)
+
+
+def spec_for(config_or_spec: Any) -> PreprocessSpec:
+    """`config_or_spec` if it is a `PreprocessSpec`, else the spec stored in that model config."""
+    return config_or_spec if isinstance(config_or_spec, PreprocessSpec) else PreprocessSpec.for_model(config_or_spec)

@@ -26,6 +26,10 @@ class VolumeError(ValueError):
         super().__init__(f"{self.source}: {reason}")
 
 
+class VolumeTooLarge(VolumeError):
+    """A volume is (or claims to be) larger than the read limits allow; servers answer 413."""
+
+
 @dataclass
 class Volume:
     """A 3D scalar image.
@@ -38,7 +42,11 @@ class Volume:
             direction of index axis j in ITK order (x=W, y=H, z=D).
         modality: "CT", "MR", ... or "unknown" when the file does not say.
         source: where it was read from (a path), for error messages and reports.
-        meta: reader-specific extras (series UID, description, rescale, ...), JSON values only.
+        meta: reader-specific extras (slice count, slice gaps, ...), JSON values only; shown in reports.
+        warnings: what the reader noticed but accepted (uneven slice gaps, an assumed pixel spacing);
+            reports and responses carry them, and `load_volume(strict=True)` refuses them.
+        private: DICOM fields that can identify a patient or a study (series UID, free-text
+            description). Kept out of `summary()`, logs and responses unless asked for.
     """
 
     array: np.ndarray
@@ -48,6 +56,8 @@ class Volume:
     modality: str = "unknown"
     source: str = "<array>"
     meta: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    private: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.array.ndim != 3:
@@ -76,8 +86,11 @@ class Volume:
     def replace(self, **changes: Any) -> Volume:
         return dataclasses.replace(self, **changes)
 
-    def summary(self) -> dict[str, Any]:
-        """JSON-ready description used by `med3dvlm data inspect`."""
+    def summary(self, include_private: bool = False) -> dict[str, Any]:
+        """JSON-ready description used by `med3dvlm data inspect`: geometry and values, no DICOM free text.
+
+        `include_private` adds the `private` fields (series UID, description) under "dicom".
+        """
         lo, hi = self.value_range()
         return {
             "source": self.source,
@@ -90,6 +103,7 @@ class Volume:
             "max": hi,
             "mean": float(np.mean(self.array, dtype=np.float64)),
             **({"meta": self.meta} if self.meta else {}),
+            **({"dicom": self.private} if include_private and self.private else {}),
         }
 
     def to_sitk(self) -> sitk.Image:
@@ -121,5 +135,10 @@ def reorient(volume: Volume, orientation: str = "LPS") -> Volume:
     if volume.orientation == orientation:
         return volume
     img = sitk.DICOMOrient(volume.to_sitk(), orientation)
-    out = Volume.from_sitk(img, modality=volume.modality, source=volume.source, **volume.meta)
-    return out
+    # `replace` keeps modality, meta, warnings and private fields; only the grid changes.
+    return volume.replace(
+        array=sitk.GetArrayFromImage(img),
+        spacing=tuple(reversed(img.GetSpacing())),
+        origin=img.GetOrigin(),
+        direction=img.GetDirection(),
+    )
