@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.random_llm:
         from transformers import AutoTokenizer
 
-        from med3dvlm.models.vlm import KNOWN_LLM_CONFIGS
+        from med3dvlm.models.llm import KNOWN_LLM_CONFIGS
 
         config = med3dvlm.get_config(args.model)
         with torch.device(args.device):  # a 7B LLM is built straight on the GPU

@@ -9,7 +9,8 @@ import torch
 
 import med3dvlm
 from med3dvlm.models import decoding
-from med3dvlm.models.vlm import TINY_LLAMA, Med3DVLM
+from med3dvlm.models.llm import TINY_LLAMA
+from med3dvlm.models.vlm import Med3DVLM
 
 QUESTIONS = ["Which organ is abnormal?", "Is there a cyst in the left kidney or the liver?", "Describe.",
              "What plane is this image in, axial or coronal?"]

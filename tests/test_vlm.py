@@ -22,7 +22,7 @@ def vlm(tiny_tokenizer):
 
 
 def test_paper_model_sizes_on_meta():
-    from med3dvlm.models.vlm import QWEN25_7B_INSTRUCT
+    from med3dvlm.models.llm import QWEN25_7B_INSTRUCT
 
     with torch.device("meta"):
         model = med3dvlm.create_model("med3dvlm_qwen7b", llm_config=QWEN25_7B_INSTRUCT)

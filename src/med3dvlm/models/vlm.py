@@ -29,7 +29,7 @@ from ..hub import CONFIG_NAME, PretrainedModel, from_pretrained, write_json_atom
 from ..prompts import IGNORE_INDEX, IMAGE_TOKEN, VLMProcessor, add_image_token
 from ..registry import build_from_config, get_config, register_family, register_model
 from .decoding import fast_greedy_plan, greedy_generate
-from .llm import DEFAULT_LLM, load_llm
+from .llm import DEFAULT_LLM, KNOWN_LLM_CONFIGS, QWEN25_7B_INSTRUCT, SMOLLM2_135M, TINY_LLAMA, load_llm  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
@@ -348,57 +348,6 @@ def _llm_config_dict(llm: nn.Module) -> dict[str, Any]:
     for key in ("transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype"):
         data.pop(key, None)
     return data
-
-
-# Qwen2.5-7B-Instruct's architecture, so the paper's model can be built (e.g. on the meta device to check its
-# size) without downloading anything: create_model("med3dvlm_qwen7b", llm_config=QWEN25_7B_INSTRUCT).
-QWEN25_7B_INSTRUCT = {
-    "model_type": "qwen2",
-    "vocab_size": 152064,
-    "hidden_size": 3584,
-    "intermediate_size": 18944,
-    "num_hidden_layers": 28,
-    "num_attention_heads": 28,
-    "num_key_value_heads": 4,
-    "max_position_embeddings": 32768,
-    "rope_theta": 1000000.0,
-    "rms_norm_eps": 1e-6,
-    "tie_word_embeddings": False,
-    "hidden_act": "silu",
-}
-
-# SmolLM2-135M-Instruct's architecture (the embedded default), for sizing the model without loading it.
-SMOLLM2_135M = {
-    "model_type": "llama",
-    "vocab_size": 49152,
-    "hidden_size": 576,
-    "intermediate_size": 1536,
-    "num_hidden_layers": 30,
-    "num_attention_heads": 9,
-    "num_key_value_heads": 3,
-    "head_dim": 64,
-    "max_position_embeddings": 8192,
-    "rope_theta": 100000.0,
-    "rms_norm_eps": 1e-5,
-    "tie_word_embeddings": True,
-    "hidden_act": "silu",
-}
-KNOWN_LLM_CONFIGS = {DEFAULT_LLM: SMOLLM2_135M, "Qwen/Qwen2.5-7B-Instruct": QWEN25_7B_INSTRUCT}
-
-TINY_LLAMA = {
-    "model_type": "llama",
-    "vocab_size": 512,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "max_position_embeddings": 512,
-    "tie_word_embeddings": True,
-    # HF's default 0.02 leaves the tied output embeddings so short that logits stay within ~1 of each other:
-    # with LoRA (which cannot rescale them) the loss then cannot fall below ~5 nats and nothing is learned.
-    "initializer_range": 0.2,
-}
 
 
 @register_model

@@ -124,7 +124,7 @@ class VLMCollate:
         return batch
 
 
-def build_model(section: VLMModelSection) -> nn.Module:
+def build_vlm_model(section: VLMModelSection) -> nn.Module:
     from ..loading import from_pretrained
     from ..models.vlm import Med3DVLM
     from ..registry import create_model
@@ -213,7 +213,7 @@ def main(recipe: dict[str, Any], resume: bool | str | os.PathLike = False) -> di
     """Run stage 2 or 3 from a recipe dict; returns a summary (paths, steps, first and last loss)."""
     cfg = VLMRecipe.from_dict(recipe)
     seed_everything(cfg.train.seed)  # before the projector, the LoRA weights and the data subset are drawn
-    model = set_trainable(build_model(cfg.model), cfg.stage)
+    model = set_trainable(build_vlm_model(cfg.model), cfg.stage)
     if model.processor is None:
         raise ValueError("the VLM has no tokenizer; build it from a registered name with an LLM or a saved folder")
     image_size = tuple(cfg.data.image_size or model.vision.config.input_size)
