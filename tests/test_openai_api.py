@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import base64
-import socket
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +16,7 @@ from med3dvlm.api import create_app  # noqa: E402
 from med3dvlm.inference import Predictor  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serving_helpers import hu_phantom, tiny_vlm_dir, write_dicom_series, write_nifti, zip_folder  # noqa: E402
+from serving_helpers import hu_phantom, live_server, tiny_vlm_dir, write_dicom_series, write_nifti, zip_folder  # noqa: E402
 
 MODEL = "vlm"  # the saved folder's name, which the server lists as its model id
 
@@ -42,20 +39,8 @@ def predictor(files: dict[str, Path]) -> Predictor:
 
 @pytest.fixture(scope="module")
 def client(predictor: Predictor) -> Iterator[openai.OpenAI]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))  # a free port, held until uvicorn takes the socket over
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(predictor, max_upload_mb=2, max_new_tokens_limit=32),
-                                           log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.05)
-    yield openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
-    server.should_exit = True
-    thread.join(10)
+    with live_server(create_app(predictor, max_upload_mb=2, max_new_tokens_limit=32)) as url:
+        yield openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
 
 
 def file_part(path: Path, data_url: str | None = None, filename: str | None = None) -> dict:

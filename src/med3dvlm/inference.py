@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from .batching import MicroBatcher
 from .data.limits import ReadLimits
 from .data.preprocess import PreprocessSpec, preprocess_with_report
 from .data.readers import load_volume
@@ -77,6 +78,16 @@ class Prediction:
         return asdict(self)
 
 
+@dataclass
+class _Request:
+    """A `predict` call waiting for its batch."""
+
+    image: PreparedImage
+    question: str | None
+    generation: dict[str, Any]
+    submitted: float = field(default_factory=time.perf_counter)
+
+
 # ------------------------------------------------------------------------------------------- predictor
 
 
@@ -95,6 +106,9 @@ class Predictor:
         max_concurrent_reads: reads (file -> tensor) running at once; each may hold a volume up to
             `limits`, so this bounds the memory of parallel requests.
         include_private: put the DICOM series UID and description into results (off: they identify).
+        max_batch: greedy `predict` calls arriving together from several threads share one generate call, up
+            to this many (see `med3dvlm.batching`); each answer is the one it gets alone. 1: one call each.
+        batch_window_ms: how long the first of them waits for others before its batch starts.
     """
 
     def __init__(
@@ -108,6 +122,8 @@ class Predictor:
         strict: bool = False,
         max_concurrent_reads: int = 2,
         include_private: bool = False,
+        max_batch: int = 1,
+        batch_window_ms: float = 10.0,
     ) -> None:
         self.model = model.eval()
         self.model_name = model_name
@@ -121,6 +137,10 @@ class Predictor:
         self._lock = threading.Lock()
         # Reads run outside that lock (they need no model), so without a bound N uploads held N volumes.
         self._reads = threading.BoundedSemaphore(max(1, int(max_concurrent_reads)))
+        self.max_batch = max(1, int(max_batch))
+        self.batcher: MicroBatcher[_Request, Prediction] | None = None
+        if self.max_batch > 1:
+            self.batcher = MicroBatcher(self._generate_requests, self.max_batch, max(0.0, batch_window_ms) / 1000)
 
     @classmethod
     def from_dir(
@@ -134,7 +154,8 @@ class Predictor:
     ) -> Predictor:
         """Load a saved VLM folder or hub id, and a case index (with its contrastive model, or `clip_dir`) if given.
 
-        `options` are the reading options of `Predictor` (limits, strict, max_concurrent_reads, include_private).
+        `options` are the other options of `Predictor` (limits, strict, max_concurrent_reads, include_private,
+        max_batch, batch_window_ms).
         """
         from .hub import CONFIG_NAME, is_repo_id, resolve_model_dir
         from .loading import load_for_inference, resolve_device
@@ -248,8 +269,18 @@ class Predictor:
         series_uid: str | None = None,
         **generation: Any,
     ) -> Prediction:
-        """A report (question None) or an answer for one scan (a path or a `PreparedImage`)."""
-        return self.predict_many([image], [question], series_uid=series_uid, **generation)[0]
+        """A report (question None) or an answer for one scan (a path or a `PreparedImage`).
+
+        With `max_batch` > 1, a greedy call waits (up to the batch window) for concurrent calls from other threads
+        and is generated with them; sampled calls run alone, since a seeded sample depends on its batch.
+        """
+        if self.batcher is None or self._settings(generation).do_sample:
+            return self.predict_many([image], [question], series_uid=series_uid, **generation)[0]
+        # Read before queueing: the read has its own bound, and a batch should wait only for generation.
+        prepared = image if isinstance(image, PreparedImage) else self.prepare(image, series_uid)
+        settings = self._settings(generation)
+        # Greedy tokens depend on max_new_tokens alone among the settings, so that is all a batch must share.
+        return self.batcher.submit(("greedy", settings.max_new_tokens), _Request(prepared, question, generation))
 
     def predict_many(
         self,
@@ -294,8 +325,24 @@ class Predictor:
             for p, q, t in zip(prepared, questions, texts)
         ]
 
+    def _generate_requests(self, requests: list[_Request]) -> list[Prediction]:
+        """One generate call for a batch the batcher gathered (same max_new_tokens, all greedy)."""
+        start = time.perf_counter()
+        predictions = self._generate([r.image for r in requests], [r.question for r in requests], requests[0].generation)
+        seconds = round(time.perf_counter() - start, 4)
+        for request, prediction in zip(requests, predictions):
+            # The call ran with the first request's settings; each result records its own request's, which
+            # differ at most in knobs greedy decoding ignores (seed, temperature, top_p).
+            prediction.generation = self._settings(request.generation).to_dict(PREDICTION_SETTINGS)
+            # A served request waited for the whole call, not for its share of it.
+            prediction.timings.update(generate_s=seconds, queue_s=round(start - request.submitted, 4), batch_size=len(requests))
+        return predictions
+
     def stream(self, image: PreparedImage, question: str | None = None, **generation: Any) -> Iterator[str]:
-        """Yield the text piece by piece while it is generated (for the web app)."""
+        """Yield the text piece by piece while it is generated (the web app, streamed chat completions).
+
+        Never batched: the pieces of one answer are sent as they come, so it has the model to itself.
+        """
         settings = self._settings(generation)
         device = self.model.llm.get_input_embeddings().weight.device
         with self._lock:

@@ -14,10 +14,14 @@ from .root import fail, root
 SERVER_VOXELS_HELP = "Refuse uploads whose header claims more voxels (checked before reading; default 512*512*1024)."
 SERVER_UNPACKED_HELP = "Refuse compressed uploads and zips that unpack to more MB (default 1024)."
 READS_HELP = "Uploads read at once; each may hold a volume up to the limits, so this bounds memory."
+BATCH_HELP = ("Greedy requests to /report, /vqa and /v1/chat/completions arriving together are generated in one call, "
+              "up to this many; each answer is the one it gets alone. 1: one call per request.")
+WINDOW_HELP = "How long the first of several concurrent requests waits for others before its batch starts."
 
 
 def _load(model: str, index: Optional[Path], max_new_tokens: int, device: Optional[str], max_voxels: Optional[int] = None,
-          max_unpacked_mb: Optional[float] = None, max_reads: int = 2, strict: bool = False):
+          max_unpacked_mb: Optional[float] = None, max_reads: int = 2, strict: bool = False, max_batch: int = 1,
+          batch_window_ms: float = 10.0):
     from ..data.limits import SERVER_LIMITS
     from ..inference import Predictor, prediction_settings
     from ..search import SearchIndexError
@@ -25,7 +29,8 @@ def _load(model: str, index: Optional[Path], max_new_tokens: int, device: Option
     limits = read_limits(max_voxels, max_unpacked_mb, base=SERVER_LIMITS)  # a server reads for many: lower limits
     try:
         return Predictor.from_dir(model, index_dir=index, settings=prediction_settings(max_new_tokens=max_new_tokens), device=device,
-                                  limits=limits, strict=strict, max_concurrent_reads=max_reads)
+                                  limits=limits, strict=strict, max_concurrent_reads=max_reads, max_batch=max_batch,
+                                  batch_window_ms=batch_window_ms)
     except (FileNotFoundError, SearchIndexError, TypeError, ValueError, OSError) as err:
         fail(str(err))
 
@@ -49,13 +54,16 @@ def serve(
     max_unpacked_mb: Optional[float] = typer.Option(None, "--max-unpacked-mb", min=1, help=SERVER_UNPACKED_HELP),
     max_reads: int = typer.Option(2, "--max-concurrent-reads", min=1, help=READS_HELP),
     strict: bool = typer.Option(False, "--strict", help="Refuse uploads with uneven slice gaps or an assumed spacing."),
+    max_batch: int = typer.Option(8, "--max-batch", min=1, help=BATCH_HELP),
+    batch_window_ms: float = typer.Option(10.0, "--batch-window-ms", min=0, help=WINDOW_HELP),
 ) -> None:
     """Serve /report, /vqa, /embed and /search over HTTP (OpenAPI schema at /openapi.json)."""
     import uvicorn
 
     from ..api import create_app
 
-    predictor = _load(model, index, max_new_tokens, device, max_voxels, max_unpacked_mb, max_reads, strict)
+    predictor = _load(model, index, max_new_tokens, device, max_voxels, max_unpacked_mb, max_reads, strict, max_batch,
+                      batch_window_ms)
     _warn_if_public(host)
     # No access log: request lines are harmless, but keeping logs to what we write ourselves is simpler to audit.
     uvicorn.run(create_app(predictor, max_upload_mb=max_upload_mb, limits=predictor.limits), host=host, port=port, access_log=False)
