@@ -7,6 +7,7 @@ then a live server taking /report, /vqa and /v1/chat/completions at once.
 from __future__ import annotations
 
 import base64
+import contextlib
 import sys
 import threading
 import time
@@ -95,6 +96,21 @@ def test_a_lone_item_waits_only_the_window() -> None:
     assert batcher.submit("k", 1) == ("answer", 1)
     assert time.monotonic() - start < 2.0
     assert MicroBatcher(Recorder(), max_batch=1, window_s=60.0).submit("k", 1) == ("answer", 1)  # full at once
+
+
+@pytest.mark.parametrize("announced", [True, False])
+def test_a_batch_waits_for_items_still_arriving(announced: bool) -> None:
+    run = Recorder()
+    batcher = MicroBatcher(run, max_batch=4, window_s=0.1, max_wait_s=10.0)
+
+    def late() -> Any:
+        with batcher.arriving() if announced else contextlib.nullcontext():
+            time.sleep(0.6)  # a slow read, far past the window
+        return batcher.submit("k", "late")
+
+    results = at_once([lambda: batcher.submit("k", "early"), late])
+    assert results == [("answer", "early"), ("answer", "late")]
+    assert list(batcher.sizes) == ([2] if announced else [1, 1])
 
 
 def test_a_batch_function_giving_too_few_results_is_an_error_for_each() -> None:

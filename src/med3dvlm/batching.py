@@ -6,7 +6,8 @@ in its thread pool), each blocked until its answer is ready; `MicroBatcher.submi
 
 How, with no background thread: each request joins a queue and waits. The oldest waiting request leads when no
 batch is running: it waits until `window_s` after its own arrival (or until `max_batch` requests with its key
-are queued), takes up to `max_batch` queued requests with its key in arrival order, runs them as one call, and
+are queued), longer while other requests are still being read (`MicroBatcher.arriving`; uploads sent together
+finish reading tens of milliseconds apart on a busy CPU) but never past `max_wait_s` after its arrival, takes up to `max_batch` queued requests with its key in arrival order, runs them as one call, and
 hands each its own result. Then the next oldest waiting request leads. Under load the window has long passed by
 the time a request leads, so gathering adds no wait; a lone request waits at most `window_s`. One batch runs at
 a time: the model is not re-entrant.
@@ -17,17 +18,44 @@ requests are run again one at a time, so a request that cannot be answered fails
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from typing import Any, Generic, TypeVar
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+
+class _Arrival:
+    """One request on its way to `submit` (see `MicroBatcher.arriving`); settled once, when it joins or gives up."""
+
+    def __init__(self, batcher: MicroBatcher) -> None:
+        self._batcher: MicroBatcher | None = batcher
+
+    def settle(self) -> None:
+        batcher, self._batcher = self._batcher, None
+        if batcher is not None:
+            with batcher._cond:
+                batcher._arriving -= 1
+                batcher._cond.notify_all()
+
+
+# The arrivals of the running request (a context variable: FastAPI copies the context into the route's thread, so
+# an arrival opened by a middleware is settled by the `submit` of the same request).
+_ARRIVALS: contextvars.ContextVar[tuple[_Arrival, ...]] = contextvars.ContextVar("med3dvlm_batch_arrivals", default=())
+
+
+def settle_arrivals() -> None:
+    """The running request will not `submit` (it streams, samples, or failed): batches stop waiting for it."""
+    for arrival in _ARRIVALS.get():
+        arrival.settle()
 
 
 class _Job:
@@ -47,9 +75,11 @@ class MicroBatcher(Generic[T, R]):
         run: answers a batch; every item in a call was submitted with the same key.
         max_batch: the most items in one call (1: every item alone, no waiting).
         window_s: how long the oldest waiting item waits for company before its batch starts.
+        max_wait_s: how long it may wait in all for items still `arriving` (default `window_s`: not longer).
     """
 
-    def __init__(self, run: Callable[[list[T]], Sequence[R]], max_batch: int, window_s: float) -> None:
+    def __init__(self, run: Callable[[list[T]], Sequence[R]], max_batch: int, window_s: float,
+                 max_wait_s: float | None = None) -> None:
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         if window_s < 0:
@@ -57,11 +87,28 @@ class MicroBatcher(Generic[T, R]):
         self._run = run
         self.max_batch = int(max_batch)
         self.window_s = float(window_s)
+        self.max_wait_s = max(self.window_s, float(max_wait_s if max_wait_s is not None else window_s))
+        self._arriving = 0
         self._cond = threading.Condition()
         self._queue: list[_Job] = []
         self._busy = False
         # Sizes of the batches run, most recent last; bounded so a long-running server does not grow it.
         self.sizes: deque[int] = deque(maxlen=1024)
+
+    @contextlib.contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Wrap a request from its start (receiving, reading the upload) to its `submit`: a batch being gathered
+        waits for it, up to `max_wait_s`. Its `submit` in the same context ends the wait as it joins the queue;
+        `settle_arrivals` ends it for a request that will not submit; leaving the block ends it in any case."""
+        arrival = _Arrival(self)
+        with self._cond:
+            self._arriving += 1
+        token = _ARRIVALS.set((*_ARRIVALS.get(), arrival))
+        try:
+            yield
+        finally:
+            _ARRIVALS.reset(token)
+            arrival.settle()
 
     def submit(self, key: Hashable, item: T) -> R:
         """`item`'s result, computed in a batch with other items of the same `key`; its own exception if it failed."""
@@ -70,6 +117,7 @@ class MicroBatcher(Generic[T, R]):
         leading = False
         with self._cond:
             self._queue.append(job)
+            settle_arrivals()  # in the same locked step: a leader never sees this request neither arriving nor queued
             self._cond.notify_all()  # a leader gathering this key may now have a full batch
             try:
                 while not job.done:
@@ -95,13 +143,14 @@ class MicroBatcher(Generic[T, R]):
     def _gather(self, leader: _Job) -> list[_Job]:
         """Called holding the lock: wait out the window, then take the batch off the queue."""
         self._busy = True
-        deadline = leader.arrived + self.window_s
+        window_end = leader.arrived + self.window_s
+        last = leader.arrived + self.max_wait_s
         while True:
             same = [j for j in self._queue if j.key == leader.key]
-            remaining = deadline - time.monotonic()
-            if len(same) >= self.max_batch or remaining <= 0:
+            now = time.monotonic()
+            if len(same) >= self.max_batch or now >= last or (now >= window_end and not self._arriving):
                 break
-            self._cond.wait(remaining)
+            self._cond.wait((window_end if now < window_end else last) - now)
         batch = same[: self.max_batch]
         taken = {id(j) for j in batch}
         self._queue = [j for j in self._queue if id(j) not in taken]

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .batching import MicroBatcher
+from .batching import MicroBatcher, settle_arrivals
 from .data.limits import ReadLimits
 from .data.preprocess import PreprocessSpec, preprocess_with_report
 from .data.readers import load_volume
@@ -108,7 +108,9 @@ class Predictor:
         include_private: put the DICOM series UID and description into results (off: they identify).
         max_batch: greedy `predict` calls arriving together from several threads share one generate call, up
             to this many (see `med3dvlm.batching`); each answer is the one it gets alone. 1: one call each.
-        batch_window_ms: how long the first of them waits for others before its batch starts.
+        batch_window_ms: how long the first of them waits for others before its batch starts; calls still reading
+            their volume (or, on a server, still being received: `batching.MicroBatcher.arriving`) extend that, up to
+            `batch_max_wait_ms`.
     """
 
     def __init__(
@@ -124,6 +126,7 @@ class Predictor:
         include_private: bool = False,
         max_batch: int = 1,
         batch_window_ms: float = 10.0,
+        batch_max_wait_ms: float = 500.0,
     ) -> None:
         self.model = model.eval()
         self.model_name = model_name
@@ -140,7 +143,8 @@ class Predictor:
         self.max_batch = max(1, int(max_batch))
         self.batcher: MicroBatcher[_Request, Prediction] | None = None
         if self.max_batch > 1:
-            self.batcher = MicroBatcher(self._generate_requests, self.max_batch, max(0.0, batch_window_ms) / 1000)
+            self.batcher = MicroBatcher(self._generate_requests, self.max_batch, max(0.0, batch_window_ms) / 1000,
+                                        max(0.0, batch_max_wait_ms) / 1000)
 
     @classmethod
     def from_dir(
@@ -155,7 +159,7 @@ class Predictor:
         """Load a saved VLM folder or hub id, and a case index (with its contrastive model, or `clip_dir`) if given.
 
         `options` are the other options of `Predictor` (limits, strict, max_concurrent_reads, include_private,
-        max_batch, batch_window_ms).
+        max_batch, batch_window_ms, batch_max_wait_ms).
         """
         from .hub import CONFIG_NAME, is_repo_id, resolve_model_dir
         from .loading import load_for_inference, resolve_device
@@ -275,12 +279,15 @@ class Predictor:
         and is generated with them; sampled calls run alone, since a seeded sample depends on its batch.
         """
         if self.batcher is None or self._settings(generation).do_sample:
+            settle_arrivals()  # a served request that will not join a batch: none waits for it
             return self.predict_many([image], [question], series_uid=series_uid, **generation)[0]
-        # Read before queueing: the read has its own bound, and a batch should wait only for generation.
-        prepared = image if isinstance(image, PreparedImage) else self.prepare(image, series_uid)
-        settings = self._settings(generation)
-        # Greedy tokens depend on max_new_tokens alone among the settings, so that is all a batch must share.
-        return self.batcher.submit(("greedy", settings.max_new_tokens), _Request(prepared, question, generation))
+        with self.batcher.arriving():  # a batch being gathered waits for this read
+            # Read before queueing: the read has its own bound, and a batch should wait only for generation.
+            if not isinstance(image, PreparedImage):
+                image = self.prepare(image, series_uid)
+            settings = self._settings(generation)
+            # Greedy tokens depend on max_new_tokens alone among the settings, so that is all a batch must share.
+            return self.batcher.submit(("greedy", settings.max_new_tokens), _Request(image, question, generation))
 
     def predict_many(
         self,
@@ -343,6 +350,7 @@ class Predictor:
 
         Never batched: the pieces of one answer are sent as they come, so it has the model to itself.
         """
+        settle_arrivals()
         settings = self._settings(generation)
         device = self.model.llm.get_input_embeddings().weight.device
         with self._lock:

@@ -17,11 +17,12 @@ READS_HELP = "Uploads read at once; each may hold a volume up to the limits, so 
 BATCH_HELP = ("Greedy requests to /report, /vqa and /v1/chat/completions arriving together are generated in one call, "
               "up to this many; each answer is the one it gets alone. 1: one call per request.")
 WINDOW_HELP = "How long the first of several concurrent requests waits for others before its batch starts."
+MAX_WAIT_HELP = "How long, in all, it waits for requests whose uploads are still being read."
 
 
 def _load(model: str, index: Optional[Path], max_new_tokens: int, device: Optional[str], max_voxels: Optional[int] = None,
           max_unpacked_mb: Optional[float] = None, max_reads: int = 2, strict: bool = False, max_batch: int = 1,
-          batch_window_ms: float = 10.0):
+          batch_window_ms: float = 10.0, batch_max_wait_ms: float = 500.0):
     from ..data.limits import SERVER_LIMITS
     from ..inference import Predictor, prediction_settings
     from ..search import SearchIndexError
@@ -30,7 +31,7 @@ def _load(model: str, index: Optional[Path], max_new_tokens: int, device: Option
     try:
         return Predictor.from_dir(model, index_dir=index, settings=prediction_settings(max_new_tokens=max_new_tokens), device=device,
                                   limits=limits, strict=strict, max_concurrent_reads=max_reads, max_batch=max_batch,
-                                  batch_window_ms=batch_window_ms)
+                                  batch_window_ms=batch_window_ms, batch_max_wait_ms=batch_max_wait_ms)
     except (FileNotFoundError, SearchIndexError, TypeError, ValueError, OSError) as err:
         fail(str(err))
 
@@ -56,6 +57,7 @@ def serve(
     strict: bool = typer.Option(False, "--strict", help="Refuse uploads with uneven slice gaps or an assumed spacing."),
     max_batch: int = typer.Option(8, "--max-batch", min=1, help=BATCH_HELP),
     batch_window_ms: float = typer.Option(10.0, "--batch-window-ms", min=0, help=WINDOW_HELP),
+    batch_max_wait_ms: float = typer.Option(500.0, "--batch-max-wait-ms", min=0, help=MAX_WAIT_HELP),
 ) -> None:
     """Serve /report, /vqa, /embed and /search over HTTP (OpenAPI schema at /openapi.json)."""
     import uvicorn
@@ -63,7 +65,7 @@ def serve(
     from ..api import create_app
 
     predictor = _load(model, index, max_new_tokens, device, max_voxels, max_unpacked_mb, max_reads, strict, max_batch,
-                      batch_window_ms)
+                      batch_window_ms, batch_max_wait_ms)
     _warn_if_public(host)
     # No access log: request lines are harmless, but keeping logs to what we write ourselves is simpler to audit.
     uvicorn.run(create_app(predictor, max_upload_mb=max_upload_mb, limits=predictor.limits), host=host, port=port, access_log=False)
