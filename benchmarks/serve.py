@@ -12,7 +12,7 @@ with the quickstart's small encoder is built (random vision encoder and projecto
 saved to a temporary folder and served; the script says so. Volumes are the quickstart's phantom scans when its
 data folder exists, else random arrays at the encoder's input size.
 
-    python benchmarks/serve.py                                # the quickstart model, 8 clients, 32 new tokens
+    python benchmarks/serve.py                                # the quickstart model, 8 clients, up to 256 new tokens
     python benchmarks/serve.py --threads 1 --max-new-tokens 16 --note "a training run on the same cores"
 """
 
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--clients", type=int, default=8, help="requests per round, all at once in the concurrent one")
     parser.add_argument("--max-batch", type=int, default=8, help="the server's --max-batch")
     parser.add_argument("--window-ms", type=float, default=10.0, help="the server's --batch-window-ms")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="the server's --max-new-tokens (its default)")
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the server (default: torch's choice)")
     parser.add_argument("--json", type=Path, default=None, help="also write the measurements here")
     parser.add_argument("--note", default="", help="printed under the table (e.g. what else was running)")
