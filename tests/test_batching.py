@@ -253,3 +253,39 @@ def test_report_vqa_and_chat_completions_at_once_equal_sequential(server: tuple[
 
     assert at_once([report, vqa, chat]) == [sequential[i]["text"] for i in range(3)]
     assert list(predictor.batcher.sizes) == [3]
+
+
+def test_a_request_still_being_received_joins_the_batch(files: dict[str, Any], sequential: list[dict[str, Any]]) -> None:
+    """The middleware counts a request from its first byte: a batch waits for an upload still on the wire."""
+    pytest.importorskip("uvicorn")
+    import httpx
+
+    from med3dvlm.api import create_app
+
+    predictor = Predictor.from_dir(files["vlm"], max_batch=2, batch_window_ms=10, batch_max_wait_ms=20000)
+    scans = files["scans"]
+    with live_server(create_app(predictor, max_upload_mb=2, max_new_tokens_limit=32)) as url:
+        slow = httpx.Request("POST", f"{url}/vqa", files={"file": (scans[1].name, scans[1].read_bytes())},
+                             data={"question": QUESTIONS[1], "max_new_tokens": str(TOKENS)})
+        body = slow.read()
+        headers = {"content-type": slow.headers["content-type"]}
+
+        def trickle() -> Iterator[bytes]:
+            yield body[: len(body) // 2]
+            time.sleep(1.0)  # far past the window: without the middleware the other request would run alone
+            yield body[len(body) // 2:]
+
+        def late() -> str:
+            r = httpx.post(f"{url}/vqa", content=trickle(), headers=headers, timeout=120)
+            assert r.status_code == 200, r.text
+            return r.json()["text"]
+
+        def prompt() -> str:
+            time.sleep(0.3)  # after the slow upload has begun
+            r = httpx.post(f"{url}/report", files={"file": (scans[0].name, scans[0].read_bytes())},
+                           data={"max_new_tokens": str(TOKENS)}, timeout=120)
+            assert r.status_code == 200, r.text
+            return r.json()["text"]
+
+        assert at_once([late, prompt]) == [sequential[1]["text"], sequential[0]["text"]]
+    assert list(predictor.batcher.sizes) == [2]
