@@ -12,14 +12,26 @@ the vision encoder of Med3DVLM (Xin et al., IEEE JBHI 2025). Structure, exactly 
 
 The original permutes its input to (H, W, D) internally; here everything stays (B, C, D, H, W) and the
 conversion of released weights (`med3dvlm.convert`) permutes the kernels instead.
+
+Two training options, neither of which changes the weights or the outputs:
+
+- `config.grad_checkpointing` (or `set_grad_checkpointing()`): each of the stem's four convolutions and each
+  block runs under `torch.utils.checkpoint`, so only its input is kept for the backward pass and the rest is
+  recomputed there. BatchNorm's running statistics are restored after the recomputation, so a checkpointed
+  step updates them exactly as a plain one. Only in training mode with gradients enabled.
+- `set_channels_last()`: activations in `channels_last_3d` memory from the stem's first convolution on,
+  where oneDNN's depthwise and 1x1x1 kernels (forward and backward) are faster on CPU and the permutes
+  around the channel MLP are free views. A runtime choice, not saved with the model.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
 from ..hub import PretrainedModel
@@ -41,6 +53,7 @@ class DCFormerConfig(ModelConfig):
     mlp_ratio: float = 4.0
     layer_scale_init: float = 1e-6
     input_size: tuple[int, int, int] = (128, 256, 256)  # (D, H, W) the model is meant for; not a constraint
+    grad_checkpointing: bool = False  # training: recompute block activations in backward (less memory, more time)
 
     def __post_init__(self) -> None:
         if not (len(self.dims) == len(self.depths) == len(self.kernel_sizes)):
@@ -66,9 +79,16 @@ class Downsample(nn.Module):
         super().__init__()
         self.pool = nn.MaxPool3d(kernel_size=3, stride=2, padding=1)
         self.proj = nn.Conv3d(in_channels, out_channels, kernel_size=1, bias=False)
+        self.channels_last = False  # set by `DCFormer.set_channels_last`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.pool(x))
+        x = self.pool(x)
+        if self.channels_last and x.is_contiguous(memory_format=torch.channels_last_3d):
+            # The 1x1x1 convolution as a matrix product over channels, on the free (B, D, H, W, C) view: PyTorch
+            # would send this kernel shape, at batch < 16 on one thread, to its slow reference convolution.
+            w = self.proj.weight.flatten(1)
+            return torch.nn.functional.linear(x.permute(0, 2, 3, 4, 1), w).permute(0, 4, 1, 2, 3)
+        return self.proj(x)
 
 
 class ConvBlock(nn.Module):
@@ -111,6 +131,23 @@ class DCFormer(PretrainedModel):
             Stage(widths[i], dim, config.depths[i], config.kernel_sizes[i], config.mlp_ratio, config.layer_scale_init)
             for i, dim in enumerate(config.dims)
         )
+        self.channels_last = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Turn activation checkpointing on or off; kept in the config, so it is saved with the model."""
+        self.config.grad_checkpointing = bool(enable)
+
+    def set_channels_last(self, enable: bool = True) -> None:
+        """Keep activations in channels_last_3d memory (faster on CPU); not saved with the model."""
+        self.channels_last = bool(enable)
+        for m in self.modules():
+            if isinstance(m, (DecompConv3d, Downsample)):
+                m.channels_last = bool(enable)
+
+    def _run(self, module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.config.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpointed(module, x)
+        return module(x)
 
     @property
     def output_dims(self) -> list[int]:
@@ -121,16 +158,55 @@ class DCFormer(PretrainedModel):
         """Feature maps (B, C, D, H, W) of the stem and of each stage, in order."""
         if x.dim() != 5 or x.shape[1] != self.config.in_channels:
             raise ValueError(f"expected input (B, {self.config.in_channels}, D, H, W), got {tuple(x.shape)}")
-        x = self.stem(x)
+        for i, conv in enumerate(self.stem):
+            x = self._run(conv, x)
+            if i == 0 and self.channels_last:
+                # Only from here: the first convolution has a single input channel, whose kernel gets
+                # degenerate strides in channels_last, on which oneDNN fails for batches > 1.
+                x = x.contiguous(memory_format=torch.channels_last_3d)
         features = [x]
         for stage in self.stages:
-            x = stage(x)
+            x = stage.downsample(x)
+            for block in stage.blocks:
+                x = self._run(block, x)
             features.append(x)
         return features
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Tokens (B, N, C) of the stem and of each stage, depth-major (D slowest, W fastest)."""
         return [to_tokens(f) for f in self.forward_features(x)]
+
+
+def checkpointed(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`module(x)` under `torch.utils.checkpoint` (non-reentrant): its activations are recomputed in backward.
+
+    The recomputation runs the module's BatchNorms in training mode a second time, which would move their
+    running statistics twice; they are saved before it and put back after it.
+    """
+    calls = [0]
+
+    def run(inp: torch.Tensor) -> torch.Tensor:
+        calls[0] += 1
+        if calls[0] == 1:
+            return module(inp)
+        with _running_stats_kept(module):
+            return module(inp)
+
+    return checkpoint(run, x, use_reentrant=False)
+
+
+@contextmanager
+def _running_stats_kept(module: nn.Module):
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None]
+    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in norms]
+    try:
+        yield
+    finally:  # also when the recomputation is stopped early, once it has what backward needs
+        with torch.no_grad():
+            for m, (mean, var, count) in zip(norms, saved):
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(count)
 
 
 def _dcformer(stem: int, dims: tuple[int, ...], depths: tuple[int, ...], **kw) -> DCFormerConfig:

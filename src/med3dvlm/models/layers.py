@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -26,9 +27,25 @@ class DecompConv3d(nn.Module):
         self.norm_h = nn.BatchNorm3d(out_channels)
         self.conv_w = nn.Conv3d(in_channels, out_channels, (1, 1, k), stride, (0, 0, pad), groups=groups)
         self.norm_w = nn.BatchNorm3d(out_channels)
+        self.channels_last = False  # set by the model's `set_channels_last`; same outputs, another kernel
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm_d(self.conv_d(x)) + self.norm_h(self.conv_h(x)) + self.norm_w(self.conv_w(x))
+        d = self._conv_d_channels_last(x) if self.channels_last and x.is_contiguous(memory_format=torch.channels_last_3d) else self.conv_d(x)
+        return self.norm_d(d) + self.norm_h(self.conv_h(x)) + self.norm_w(self.conv_w(x))
+
+    def _conv_d_channels_last(self, x: torch.Tensor) -> torch.Tensor:
+        """`conv_d(x)` as a 2D convolution over (D, H*W), a free view in channels_last_3d memory.
+
+        PyTorch sends a 3D convolution whose kernel is 1 x 1 in its last two axes, at batch < 16 on one thread, to
+        its slow reference kernel instead of oneDNN, and returns it in the default layout; the 2D form always goes
+        to oneDNN and stays channels_last. Only for stride 1 (the depthwise mixers and the stem's later convolutions).
+        """
+        conv = self.conv_d
+        if conv.stride != (1, 1, 1):
+            return conv(x)
+        h, w = x.shape[-2:]
+        out = F.conv2d(x.flatten(3), conv.weight.squeeze(-1), conv.bias, 1, (conv.padding[0], 0), 1, conv.groups)
+        return out.unflatten(3, (h, w))
 
     def branches(self) -> list[tuple[nn.Conv3d, nn.BatchNorm3d]]:
         return [(self.conv_d, self.norm_d), (self.conv_h, self.norm_h), (self.conv_w, self.norm_w)]
