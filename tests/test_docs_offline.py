@@ -8,24 +8,21 @@ is rendered headless with every request off this machine blocked, and the endpoi
 from __future__ import annotations
 
 import re
-import socket
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("fastapi_offline")
-uvicorn = pytest.importorskip("uvicorn")
+pytest.importorskip("uvicorn")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from med3dvlm.api import create_app  # noqa: E402
 from med3dvlm.inference import Predictor  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serving_helpers import tiny_vlm_dir  # noqa: E402
+from serving_helpers import live_server, tiny_vlm_dir  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -56,18 +53,8 @@ def test_docs_assets_are_served_locally(app) -> None:
 
 @pytest.fixture(scope="module")
 def url(app) -> Iterator[str]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server.should_exit = True
-    thread.join(10)
+    with live_server(app) as base:
+        yield base
 
 
 def test_docs_render_offline_in_a_browser(url: str, tmp_path: Path) -> None:
