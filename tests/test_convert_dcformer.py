@@ -16,6 +16,8 @@ from safetensors.torch import load_file, save_file
 import med3dvlm
 from med3dvlm.cli import main
 from med3dvlm.convert import convert_dcformer_checkpoint, load_state_dict
+from med3dvlm.convert.dcformer import released_preprocess
+from med3dvlm.data.preprocess import PreprocessSpec
 
 from .original_reference import OrigModel, randomize_batchnorm
 
@@ -69,7 +71,10 @@ def test_original_layout_and_names_convert_through_the_cli(tmp_path, scale_name,
 def test_converted_small_is_the_registered_variant():
     original = OrigModel(stem=64, dims=(96, 192, 384, 768), depths=(2, 3, 6, 2), kernels=(13, 11, 9, 7))
     model = convert_dcformer_checkpoint(original.state_dict())
-    assert model.config == med3dvlm.get_config("dcformer_small")
+    registered = med3dvlm.get_config("dcformer_small")
+    # The same architecture, plus the released models' preprocessing: M3D's min-max after a soft-tissue window for HU.
+    assert model.config == registered.replace(preprocess=released_preprocess(registered.input_size))
+    assert PreprocessSpec.for_model(model.config) == PreprocessSpec.m3d(registered.input_size, hu_window="soft_tissue")
     assert model.num_parameters() == 18_244_800
 
 

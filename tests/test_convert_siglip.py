@@ -19,6 +19,7 @@ from transformers import AutoModel, DistilBertConfig
 
 from med3dvlm.convert import convert_dcformer_checkpoint
 from med3dvlm.convert.siglip import convert_siglip_checkpoint, convert_siglip_state_dict, infer_distilbert_config
+from med3dvlm.data.preprocess import PreprocessSpec
 from med3dvlm.losses import SigLipLoss
 from med3dvlm.models.clip import Contrastive3D
 
@@ -74,6 +75,8 @@ def test_converted_round_trip_and_siglip_loss(assets, tmp_path) -> None:
     model = convert_siglip_checkpoint(sd, n_heads=2)
     model.save_pretrained(tmp_path)
     loaded = Contrastive3D.from_pretrained(tmp_path)
+    # The search index and /embed read this spec: M3D's min-max, after a soft-tissue window for raw HU.
+    assert PreprocessSpec.for_model(loaded.config) == PreprocessSpec.m3d(model.config.input_size, hu_window="soft_tissue")
     with torch.no_grad():
         torch.testing.assert_close(loaded.encode_text(TOKENS, MASK), model.encode_text(TOKENS, MASK))
         out = loaded(volume.expand(2, -1, -1, -1, -1), TOKENS, MASK)

@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 import med3dvlm
+from med3dvlm.data.preprocess import PreprocessSpec
 from med3dvlm.models.vlm import Med3DVLM
 
 from .original_reference import OrigMixerProjector, OrigModel, randomize_batchnorm
@@ -57,6 +58,8 @@ def test_released_layout_gives_the_original_logits(tmp_path, tiny_tokenizer):
     model = med3dvlm.from_pretrained(tmp_path)
     assert isinstance(model, Med3DVLM) and model.config.splice == "original"
     assert model.num_image_tokens == 8 and model.vision.config.input_size == VOLUME
+    # Trained on windowed 8-bit slices: raw HU gets the soft-tissue window before the min-max.
+    assert PreprocessSpec.for_model(model.vision.config) == PreprocessSpec.m3d(VOLUME, hu_window="soft_tissue")
 
     # the original's prompt: 8 image tokens, then " " + question, no BOS
     text = "<im_patch>" * 8 + " Which organ is abnormal?"
@@ -71,6 +74,7 @@ def test_released_layout_gives_the_original_logits(tmp_path, tiny_tokenizer):
     # and it can be saved in our format and loaded back unchanged
     model.save_pretrained(tmp_path / "ours")
     again = med3dvlm.from_pretrained(tmp_path / "ours")
+    assert again.vision.config.preprocess == model.vision.config.preprocess
     with torch.no_grad():
         assert (again(input_ids=input_ids, images=image).logits - expected).abs().max() < 1e-4
 

@@ -33,7 +33,8 @@ def _spec_from_options(
         base = PreprocessSpec.for_model(get_config(model))
     fields = base.to_dict()
     if window or hu_range:
-        fields.update(intensity="window", window=window, window_range=list(hu_range) if hu_range else None)
+        # An explicit window replaces the spec's intensity step, and with it a windowed-data spec's hu_window.
+        fields.update(intensity="window", window=window, window_range=list(hu_range) if hu_range else None, hu_window=None)
     if intensity:
         fields["intensity"] = intensity
     if size:

@@ -11,6 +11,11 @@ The original differs from ours in three ways that matter for its weights:
 
 The state dict may sit inside a larger checkpoint (the vision tower of a DCFormer_SigLIP or a Med3DVLM
 model): the DCFormer part is found by its `encoder.s0.` keys, whatever prefix precedes them.
+
+Every released model was trained on M3D-Cap, 8-bit slices that Radiopaedia had windowed for display, so
+the converted configs store the M3D min-max spec with `RELEASED_HU_WINDOW` (`released_preprocess`): a raw
+HU scan is windowed before the min-max instead of being min-maxed over -1024..3000 HU. The original
+display windows are not recorded anywhere; docs/design.md says why soft tissue is the default.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any
 
 import torch
 
+from ..data.preprocess import PreprocessSpec
 from ..models.dcformer import DCFormer, DCFormerConfig
 from ..registry import get_config, list_models
 
@@ -30,6 +36,13 @@ from ..registry import get_config, list_models
 _BRANCH_AXIS = {"1": "h", "2": "w", "3": "d"}
 _KERNEL_PERMUTE = (0, 1, 4, 2, 3)
 _STEM_KEY = "encoder.s0.0.0.c1.0.weight"
+# The display window assumed for M3D-Cap's Radiopaedia images (see the module docstring): W400/L40.
+RELEASED_HU_WINDOW = "soft_tissue"
+
+
+def released_preprocess(size: tuple[int, int, int]) -> dict[str, Any]:
+    """The preprocessing spec stored with a converted released model of input `size` (D, H, W)."""
+    return PreprocessSpec.m3d(tuple(size), hu_window=RELEASED_HU_WINDOW).to_dict()  # type: ignore[arg-type]
 
 
 def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -185,6 +198,7 @@ def convert_dcformer_checkpoint(
     if not sub:
         raise ValueError(f"no keys start with {prefix + 'encoder.'!r}")
     config = infer_config(sub)
+    config = config.replace(preprocess=released_preprocess(config.input_size))
     model = DCFormer(config)
     converted = convert_dcformer_state_dict(sub)
     missing, unexpected = model.load_state_dict(converted, strict=False)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .dcformer import closest_registered_dcformer, convert_dcformer_checkpoint, load_directory_weights
+from .dcformer import closest_registered_dcformer, convert_dcformer_checkpoint, load_directory_weights, released_preprocess
 from .projector import convert_projector_checkpoint
 
 # Keys of the released config that describe the vision tower and projector, not the Qwen2 LLM.
@@ -57,7 +57,8 @@ def load_released_med3dvlm(directory: str | os.PathLike, dtype: torch.dtype = to
     llm = llm.to(dtype)
 
     h, w, d = raw.get("input_size", (256, 256, 128))  # the original stores (H, W, D)
-    vision_name, vision_overrides = closest_registered_dcformer(vision.config.replace(input_size=(d, h, w)))
+    vision_name, vision_overrides = closest_registered_dcformer(
+        vision.config.replace(input_size=(d, h, w), preprocess=released_preprocess((d, h, w))))
     kind_name = {"mixer": "mixer2x_h", "mlp": "mlp2x", "low_high_mlp": "mlp2x_h"}[raw.get("mm_projector_type", "mixer")]
     p = projector.config
     projector_overrides = {"kind": p.kind, "low_tokens_out": p.low_tokens_out, "high_tokens_out": p.high_tokens_out,

@@ -31,12 +31,14 @@ from typing import Any
 import torch
 
 from ..models.clip import Contrastive3D, ContrastiveConfig
+from ..registry import get_config
 from .dcformer import (
     closest_registered_dcformer,
     convert_dcformer_state_dict,
     dcformer_overrides,
     infer_config,
     load_directory_weights,
+    released_preprocess,
 )
 
 _VISION = "vision_encoder."
@@ -141,6 +143,7 @@ def convert_siglip_checkpoint(
         embed_dim=int(embed_dim),
         max_text_length=max_text_length,
         loss=loss,
+        preprocess=released_preprocess(get_config(vision_name, **overrides).input_size),
     )
     model = Contrastive3D(config)
     converted = convert_siglip_state_dict(state_dict)

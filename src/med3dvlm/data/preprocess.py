@@ -7,6 +7,12 @@ crop to the foreground -> resize to the model size with trilinear interpolation,
 
 The default spec reproduces M3D/Med3DVLM data preparation (min-max, crop foreground, resize to
 128x256x256). A spec for raw CT in Hounsfield units uses `intensity="window"` with a preset.
+
+A model trained on already windowed 8-bit images (every M3D-trained model: M3D-Cap's Radiopaedia
+slices were windowed for display) has a min-max spec; its optional `hu_window` says which display
+window its training images had, and a raw HU scan given to it is windowed with it before the min-max
+(`input_hu_window`), instead of being min-maxed over its whole range (-1024..3000 HU), which squeezes
+all soft tissue into a few grey levels.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import dataclasses
 import logging
 import warnings
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -34,6 +41,8 @@ WINDOW_PRESETS: dict[str, tuple[float, float]] = {
     "brain": (40.0, 80.0),
 }
 INTENSITY_MODES = ("minmax", "window", "none")
+# Modalities whose values may be Hounsfield units (a file without a modality is taken at its values' word).
+HU_MODALITIES = ("CT", "unknown")
 DEFAULT_SIZE = (128, 256, 256)
 
 
@@ -57,6 +66,10 @@ class PreprocessSpec:
         crop_foreground: crop to the bounding box of voxels above `foreground_threshold` after the
             intensity step (M3D's `CropForeground`, which keeps values > 0).
         foreground_threshold: see `crop_foreground`.
+        hu_window: for a model trained on already windowed images (intensity "minmax" or "none"): the
+            display window those images had, a preset name or {"level": L, "width": W} in HU. An input
+            in Hounsfield units is windowed with it to [0, 1] before the intensity step, as the training
+            images were; None keeps the old behaviour (a warning, then the intensity step alone).
     """
 
     size: tuple[int, int, int] = DEFAULT_SIZE
@@ -67,6 +80,7 @@ class PreprocessSpec:
     window_range: tuple[float, float] | None = None
     crop_foreground: bool = True
     foreground_threshold: float = 0.0
+    hu_window: str | dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         self.size = tuple(int(s) for s in self.size)  # type: ignore[assignment]
@@ -86,6 +100,13 @@ class PreprocessSpec:
                 raise ValueError(f"window_range must be (low, high) with low < high, got {self.window_range}")
         if self.intensity == "window" and self.window is None and self.window_range is None:
             raise ValueError('intensity="window" needs a window preset or a window_range')
+        if self.hu_window is not None:
+            if self.intensity == "window":
+                raise ValueError('hu_window is for models trained on already windowed images (intensity "minmax" or '
+                                 '"none"); a spec with intensity="window" windows every input with its window')
+            level, width = hu_window_level_width(self.hu_window)  # validates
+            if not isinstance(self.hu_window, str):
+                self.hu_window = {"level": level, "width": width}
 
     @property
     def hu_range(self) -> tuple[float, float] | None:
@@ -114,9 +135,12 @@ class PreprocessSpec:
         return cls(size=size, intensity="window", window=window, **kw)
 
     @classmethod
-    def m3d(cls, size: tuple[int, int, int] = DEFAULT_SIZE) -> PreprocessSpec:
-        """M3D/Med3DVLM's preparation of already windowed 8-bit slices: min-max, crop, resize."""
-        return cls(size=size, intensity="minmax")
+    def m3d(cls, size: tuple[int, int, int] = DEFAULT_SIZE, hu_window: str | dict[str, float] | None = None) -> PreprocessSpec:
+        """M3D/Med3DVLM's preparation of already windowed 8-bit slices: min-max, crop, resize.
+
+        `hu_window`: the display window of those slices, applied first to inputs in HU.
+        """
+        return cls(size=size, intensity="minmax", hu_window=hu_window)
 
     @classmethod
     def for_model(cls, config: Any) -> PreprocessSpec:
@@ -136,6 +160,8 @@ class PreprocessReport:
     steps: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     output: dict[str, Any] = field(default_factory=dict)
+    # The spec's hu_window when it was applied to this input ({"level", "width", "low", "high", "name"}), else None.
+    hu_window: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -147,6 +173,45 @@ class PreprocessReport:
 def window_bounds(preset: str) -> tuple[float, float]:
     """The (low, high) HU of a window preset: level -/+ width / 2."""
     level, width = WINDOW_PRESETS[preset]
+    return level - width / 2, level + width / 2
+
+
+def hu_window_level_width(hu_window: str | Mapping[str, float]) -> tuple[float, float]:
+    """(level, width) in HU of a `PreprocessSpec.hu_window`: a preset name or {"level": L, "width": W}.
+
+    Raises:
+        ValueError: an unknown preset, other keys, or a width that is not a positive number.
+    """
+    if isinstance(hu_window, str):
+        if hu_window not in WINDOW_PRESETS:
+            raise ValueError(f"unknown hu_window preset {hu_window!r}; presets: {', '.join(WINDOW_PRESETS)}")
+        return WINDOW_PRESETS[hu_window]
+    if not isinstance(hu_window, Mapping) or set(hu_window) != {"level", "width"}:
+        raise ValueError(f'hu_window must be a preset name or {{"level": L, "width": W}} in HU, got {hu_window!r}')
+    level, width = float(hu_window["level"]), float(hu_window["width"])
+    if not (np.isfinite(level) and np.isfinite(width) and width > 0):
+        raise ValueError(f"hu_window needs a finite level and a positive width, got {hu_window!r}")
+    return level, width
+
+
+def describe_hu_window(hu_window: str | Mapping[str, float]) -> str:
+    """A radiologist's name for a window: "W400/L40 (soft_tissue)", "W350/L50"."""
+    level, width = hu_window_level_width(hu_window)
+    return f"W{width:g}/L{level:g}" + (f" ({hu_window})" if isinstance(hu_window, str) else "")
+
+
+def input_hu_window(spec: PreprocessSpec, modality: str, kind: str) -> tuple[float, float] | None:
+    """The (low, high) HU to window an input with before a windowed-data spec's intensity step, or None.
+
+    It is the spec's `hu_window`, when it has one and the input is in Hounsfield units: its values look
+    like HU (`describe_range` kind "hu") and its modality may hold them (CT, or unknown). Specs with
+    intensity "window" window every input themselves, so this is None for them. Every path from a file
+    to a model (predict, the web app, the REST and OpenAI-compatible APIs) applies it through
+    `preprocess_with_report`.
+    """
+    if spec.hu_window is None or spec.intensity == "window" or kind != "hu" or modality not in HU_MODALITIES:
+        return None
+    level, width = hu_window_level_width(spec.hu_window)
     return level - width / 2, level + width / 2
 
 
@@ -210,7 +275,7 @@ def describe_range(array: np.ndarray) -> str:
 
 def _check_input(volume: Volume, spec: PreprocessSpec, kind: str) -> list[str]:
     msgs = []
-    if volume.modality not in ("CT", "unknown"):
+    if volume.modality not in HU_MODALITIES:
         if spec.intensity == "window":
             # A Hounsfield window means nothing for MR or PET values: refuse rather than feed noise.
             raise VolumeError(
@@ -225,10 +290,13 @@ def _check_input(volume: Volume, spec: PreprocessSpec, kind: str) -> list[str]:
             f"{volume.source}: the spec windows Hounsfield units {spec.hu_range} but the input looks {what} "
             f"(range {volume.value_range()}); use intensity='minmax' or 'none' for such data"
         )
-    elif spec.intensity in ("minmax", "none") and kind == "hu":
+    elif spec.intensity in ("minmax", "none") and kind == "hu" and input_hu_window(spec, volume.modality, kind) is None:
+        fate = "min-maxed over its whole range" if spec.intensity == "minmax" else "clipped to [0, 1]"
+        fix = ("set the spec's hu_window to the display window of the model's training images" if spec.hu_window is None
+               else "its hu_window applies to CT only")
         msgs.append(
             f"{volume.source}: the input looks like raw Hounsfield units (range {volume.value_range()}) but the spec "
-            f"expects already windowed/normalized data (intensity={spec.intensity!r}); use PreprocessSpec.ct(window=...)"
+            f"expects already windowed/normalized data (intensity={spec.intensity!r}), so it is {fate}; {fix}"
         )
     elif spec.intensity == "none" and kind != "unit":
         msgs.append(f"{volume.source}: intensity='none' expects values in [0, 1]; values outside are clipped")
@@ -240,7 +308,9 @@ def preprocess_with_report(
 ) -> tuple[torch.Tensor, PreprocessReport]:
     """Apply `spec` to `volume`: a (1, D, H, W) float32 tensor in [0, 1], plus what was done.
 
-    Range mismatches (HU expected but the input looks normalized, or the reverse) and a non-CT
+    An input in Hounsfield units given to a spec of windowed data with a `hu_window` is windowed with
+    it first (`input_hu_window`); the report says so in its steps and its `hu_window`. Range mismatches
+    (HU expected but the input looks normalized, or the reverse) and a non-CT
     modality are warned with `IntensityWarning` and recorded in the report, after what the reader
     itself noticed (`volume.warnings`: uneven slice gaps, an assumed spacing). The report's input
     holds geometry and values; the DICOM series UID and description only with `include_private`.
@@ -266,16 +336,29 @@ def preprocess_with_report(
         report.steps.append(f"resample to spacing {list(spec.spacing)} mm: {list(before_shape)} -> {list(volume.shape)}")
 
     array = np.asarray(volume.array)
+    display = input_hu_window(spec, volume.modality, kind)
+    if display is not None:
+        # The model saw images windowed for display, then min-maxed: window the HU the same way first.
+        low, high = display
+        level, width = hu_window_level_width(spec.hu_window)  # type: ignore[arg-type]
+        array = apply_window(array, low, high)
+        name = spec.hu_window if isinstance(spec.hu_window, str) else None
+        report.hu_window = {"level": level, "width": width, "low": low, "high": high, "name": name}
+        report.steps.append(
+            f"HU window {describe_hu_window(spec.hu_window)} applied: [{low:g}, {high:g}] HU -> [0, 1] "  # type: ignore[arg-type]
+            "(the model was trained on windowed images)"
+        )
     if spec.intensity == "window":
         low, high = spec.hu_range  # type: ignore[misc]
         array = apply_window(array, low, high)
         report.steps.append(f"window [{low:g}, {high:g}] HU -> [0, 1]" + (f" ({spec.window})" if spec.window_range is None else ""))
     elif spec.intensity == "minmax":
-        lo, hi = volume.value_range()
+        lo, hi = float(np.min(array)), float(np.max(array))
         array = minmax(array)
         report.steps.append(f"min-max [{lo:g}, {hi:g}] -> [0, 1]")
         if hi <= lo:
-            report.warnings.append(f"{volume.source}: constant volume (all {lo:g}); the output is all zeros")
+            what = "constant after the HU window" if display is not None else f"constant volume (all {lo:g})"
+            report.warnings.append(f"{volume.source}: {what}; the output is all zeros")
     else:
         array = np.clip(np.asarray(array, dtype=np.float32), 0.0, 1.0)
         report.steps.append("clip to [0, 1]")
