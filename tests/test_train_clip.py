@@ -10,12 +10,14 @@ import pytest
 import torch
 
 from med3dvlm.cli import main as cli
+from med3dvlm.data.preprocess import PreprocessSpec
 from med3dvlm.hub import from_pretrained
 from med3dvlm.models.clip import Contrastive3D
 from med3dvlm.models.dcformer import DCFormer
 from med3dvlm.train import list_checkpoints
 from med3dvlm.train.clip import ClipRecipe, ContrastiveTask
 from med3dvlm.train.config import RecipeError, load_recipe
+from med3dvlm.train.vlm import VLMRecipe
 
 sys.path.insert(0, str(Path(__file__).parent))
 from clip_helpers import tiny_phantom  # noqa: E402
@@ -84,10 +86,14 @@ def test_train_clip_cli_end_to_end(tmp_path: Path, cap_json: Path, capsys: pytes
 def test_overrides_reach_the_run_and_typos_fail(tmp_path: Path, cap_json: Path, capsys: pytest.CaptureFixture) -> None:
     recipe = _recipe(tmp_path, cap_json)
     code = cli(["train", "clip", "--config", str(recipe), "--set", "train.max_steps=1", "--set", "eval.split=null",
-                "--set", "data.limit=4", "-o", str(tmp_path / "other")])
+                "--set", "data.limit=4", "--set", "data.hu_window=lung", "-o", str(tmp_path / "other")])
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["global_step"] == 1 and "eval" not in summary and summary["output_dir"] == str(tmp_path / "other")
+    # The window of the training images is stored with both saved models, for raw HU input at inference.
+    expected = PreprocessSpec.m3d((16, 32, 32), hu_window="lung")
+    for saved in ("model", "vision"):
+        assert PreprocessSpec.for_model(from_pretrained(tmp_path / "other" / saved).config) == expected
     assert cli(["train", "clip", "--config", str(recipe), "--set", "train.learning_rate=1"]) == 1
     assert "unknown key(s) learning_rate" in capsys.readouterr().err
 
@@ -100,6 +106,10 @@ def test_shipped_recipes_parse() -> None:
     json.loads((CONFIGS / "zero2.json").read_text())
     cpu = ClipRecipe.from_dict(load_recipe(CONFIGS / "clip_cpu.yaml"))
     assert cpu.train.mixed_precision == "no" and cpu.train.deepspeed is None
+    # Every shipped recipe stores the display window of its 8-bit images (phantom: abdomen/chest W400/L40).
+    assert paper.data.hu_window == cpu.data.hu_window == "soft_tissue"
+    for name in ("vlm_stage2_cpu", "vlm_stage3_cpu", "vlm_stage2_paper", "vlm_stage3_paper"):
+        assert VLMRecipe.from_dict(load_recipe(CONFIGS / f"{name}.yaml")).data.hu_window == "soft_tissue"
     with pytest.raises(RecipeError, match="unknown key"):
         ClipRecipe.from_dict({"modle": {}})
 

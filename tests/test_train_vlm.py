@@ -11,8 +11,9 @@ import yaml
 
 import med3dvlm
 from med3dvlm.cli import main
+from med3dvlm.data.preprocess import PreprocessSpec
 from med3dvlm.models.vlm import Med3DVLM, has_lora
-from med3dvlm.train.vlm import StageSection, VLMTask, set_trainable
+from med3dvlm.train.vlm import StageSection, VLMModelSection, VLMTask, build_vlm_model, set_trainable
 
 
 @pytest.fixture(scope="module")
@@ -24,12 +25,12 @@ def phantom(tmp_path_factory):
     return out
 
 
-def _recipe(tmp_path, phantom, tokenizer_dir, stage, **model):
+def _recipe(tmp_path, phantom, tokenizer_dir, stage, data=None, **model):
     recipe = {
         "model": {"name": "med3dvlm_test", "tokenizer": str(tokenizer_dir), **model},
         "data": {"cap_json": str(phantom / "M3D_Cap.json"), "vqa_csv": str(phantom / "M3D-VQA" / "M3D_VQA_train.csv"),
                  "yes_no_csv": str(phantom / "M3D-VQA" / "M3D_VQA_yn_train.csv") if stage == 3 else None,
-                 "limit": 6, "augment": False},
+                 "limit": 6, "augment": False, **(data or {})},
         "stage": {"stage": stage},
         "train": {"output_dir": str(tmp_path / f"stage{stage}"), "lr": 3e-3, "epochs": 3, "batch_size": 4,
                   "save_every": 0, "log_every": 1, "log_with": None, "progress": False, "warmup_ratio": 0.0},
@@ -61,14 +62,24 @@ def test_freezing_per_stage(tiny_tokenizer):
     assert any(n.startswith("vision.") for n in names) and any("embed_tokens" in n for n in names)
 
 
+def test_stage1_encoder_brings_its_stored_preprocessing(tmp_path):
+    spec = PreprocessSpec.m3d((64, 64, 64), hu_window="soft_tissue")
+    med3dvlm.create_model("dcformer_test", preprocess=spec.to_dict()).save_pretrained(tmp_path / "vision")
+    model = build_vlm_model(VLMModelSection(name="med3dvlm_test", vision_from=str(tmp_path / "vision")))
+    assert PreprocessSpec.for_model(model.vision.config) == spec
+
+
 def test_stage2_then_stage3_then_merge(tmp_path, phantom, tiny_tokenizer):
     tok_dir = tmp_path / "tokenizer"
     tiny_tokenizer.save_pretrained(tok_dir)
 
-    assert main(["train", "vlm", "--config", str(_recipe(tmp_path, phantom, tok_dir, 2))]) == 0
+    hu_window = {"level": 50, "width": 350}  # the phantom's images' display window, stored for raw HU input
+    assert main(["train", "vlm", "--config", str(_recipe(tmp_path, phantom, tok_dir, 2, {"hu_window": hu_window}))]) == 0
     stage2 = tmp_path / "stage2" / "model"
     first_model = med3dvlm.from_pretrained(stage2)
     assert isinstance(first_model, Med3DVLM) and not has_lora(first_model.llm)
+    stored = PreprocessSpec.for_model(first_model.vision.config)
+    assert stored == PreprocessSpec.m3d((64, 64, 64), hu_window=hu_window)
     history = [json.loads(line) for line in (tmp_path / "stage2" / "metrics.jsonl").read_text().splitlines()]
     losses = [h["train/loss"] for h in history if "train/loss" in h]
     assert losses[-1] < losses[0], losses
@@ -82,6 +93,8 @@ def test_stage2_then_stage3_then_merge(tmp_path, phantom, tiny_tokenizer):
     assert main(["merge-lora", str(stage3), "--out", str(tmp_path / "merged")]) == 0
     merged = med3dvlm.from_pretrained(tmp_path / "merged")
     assert not has_lora(merged.llm) and not (tmp_path / "merged" / "lora").exists()
+    # Stage 3's recipe names no window: the one stored by stage 2 stays, through the merge too.
+    assert PreprocessSpec.for_model(tuned.vision.config) == PreprocessSpec.for_model(merged.vision.config) == stored
     batch = tuned.processor.generation_batch(["Which organ is abnormal?"])
     images = torch.rand(1, 1, 64, 64, 64)
     with torch.no_grad():

@@ -414,6 +414,16 @@ def load_for_model(
     return preprocess_with_report(volume, spec, include_private=include_private)
 
 
+def with_hu_window(config: Any, hu_window: str | dict[str, float] | None) -> Any:
+    """A copy of model `config` whose stored spec (else the M3D default) has `hu_window`.
+
+    Training recipes call it with the display window of their images, so the saved model windows raw HU
+    input the same way (see `PreprocessSpec.hu_window`).
+    """
+    spec = dataclasses.replace(PreprocessSpec.for_model(config), hu_window=hu_window)
+    return config.replace(preprocess=spec.to_dict())
+
+
 def spec_for(config_or_spec: Any) -> PreprocessSpec:
     """`config_or_spec` if it is a `PreprocessSpec`, else the spec stored in that model config."""
     return config_or_spec if isinstance(config_or_spec, PreprocessSpec) else PreprocessSpec.for_model(config_or_spec)

@@ -52,6 +52,9 @@ class ClipDataSection:
     augment: bool = True  # the paper's MONAI augmentations and random report truncation
     on_error: str = "raise"  # or "skip" unreadable items (logged and counted)
     limit: int | None = None  # a seeded random sample of N items (smoke runs)
+    # The display window the (8-bit) training images were made with, a preset or {level, width}: stored in the
+    # saved model's preprocessing, so raw HU scans are windowed alike at inference. null: not known.
+    hu_window: str | dict[str, float] | None = None
 
 
 @dataclass
@@ -171,6 +174,12 @@ def main(recipe: dict[str, Any], resume: bool | str | os.PathLike = False) -> di
     cfg = ClipRecipe.from_dict(recipe)
     seed_everything(cfg.train.seed)  # before anything random is built: weights, projections, data order
     model = build_clip_model(cfg.model)
+    if cfg.data.hu_window is not None:
+        from ..data.preprocess import with_hu_window
+
+        # Both saved configs: model/ (read by the index and /embed) and vision/ (the start of stage 2).
+        model.config = with_hu_window(model.config, cfg.data.hu_window)
+        model.vision.config = with_hu_window(model.vision.config, cfg.data.hu_window)
     tokenizer = load_model_tokenizer(cfg.model, model)
     image_size = tuple(cfg.data.image_size or model.config.input_size)
     text_len = model.text_length

@@ -60,6 +60,8 @@ class VLMDataSection:
     closed_answer: str = "letter"  # closed questions answered "A. text" (M3D) or "text" (see VQADataset)
     vqa_modes: tuple[str, ...] = ("closed", "open")  # which forms of the vqa_csv questions to train on
     question_types: tuple[int, ...] | None = None  # keep only these M3D question types (1-5) of the VQA CSVs
+    # The display window of the (8-bit) training images, as in the stage-1 recipe; null keeps the encoder's.
+    hu_window: str | dict[str, float] | None = None
 
 
 @dataclass
@@ -141,6 +143,8 @@ def build_vlm_model(section: VLMModelSection) -> nn.Module:
         if vision.config != model.vision.config.replace(preprocess=vision.config.preprocess):
             raise ValueError(f"{section.vision_from}: encoder {vision.config} does not match the VLM's {model.vision.config}")
         model.vision.load_state_dict(vision.state_dict())
+        if vision.config.preprocess is not None:  # stage 1's stored preprocessing (its hu_window) travels with it
+            model.vision.config = model.vision.config.replace(preprocess=vision.config.preprocess)
     return model
 
 
@@ -214,6 +218,10 @@ def main(recipe: dict[str, Any], resume: bool | str | os.PathLike = False) -> di
     cfg = VLMRecipe.from_dict(recipe)
     seed_everything(cfg.train.seed)  # before the projector, the LoRA weights and the data subset are drawn
     model = set_trainable(build_vlm_model(cfg.model), cfg.stage)
+    if cfg.data.hu_window is not None:
+        from ..data.preprocess import with_hu_window
+
+        model.vision.config = with_hu_window(model.vision.config, cfg.data.hu_window)  # saved in model/vision/
     if model.processor is None:
         raise ValueError("the VLM has no tokenizer; build it from a registered name with an LLM or a saved folder")
     image_size = tuple(cfg.data.image_size or model.vision.config.input_size)
