@@ -138,7 +138,9 @@ def create_demo(predictor: Predictor, examples: Sequence[str | os.PathLike] = ()
         prepared.volume = None  # the viewer keeps its own (reoriented) copy
         sizes = loaded.array.shape
         sliders = [gr.Slider(minimum=0, maximum=n - 1, value=n // 2, step=1, interactive=True) for n in (sizes[0], sizes[1], sizes[2])]
-        window = "soft_tissue" if loaded.is_hu else AUTO
+        # The model's own display window when it has a preset one: the slices look like what it was trained on.
+        model_window = predictor.spec.hu_window if isinstance(predictor.spec.hu_window, str) else "soft_tissue"
+        window = model_window if loaded.is_hu else AUTO
         images = [slice_image(loaded, plane, n // 2, window) for plane, n in zip(PLANES, (sizes[0], sizes[1], sizes[2]))]
         return (loaded, *images, *sliders, _summary(loaded), "", [], gr.update(value=window, interactive=loaded.is_hu))
 

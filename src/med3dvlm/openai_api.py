@@ -22,7 +22,9 @@ sampling reproducible. `max_completion_tokens` (or the older `max_tokens`) caps 
 server's limit; `n` must be 1. `stream: true` sends server-sent events in OpenAI's chunk format, ending in
 `data: [DONE]`; with `stream_options.include_usage` a last chunk carries the usage. Token counts: the
 prompt counts the image placeholder tokens and the question (or report instruction); the completion is
-the answer re-tokenized.
+the answer re-tokenized. A non-streamed response also carries `preprocessing` (not an OpenAI field): the
+steps applied to the volume (a raw HU scan given to a model trained on windowed images is windowed first,
+see `PreprocessSpec.hu_window`), their warnings, and the HU window when one was applied.
 
 Errors are OpenAI's error JSON (`{"error": {"message", "type", "param", "code"}}`): 400 for an invalid
 request or an unreadable volume (the message names the file and the reason), 404 for another model name,
@@ -324,6 +326,8 @@ def mount_openai(app: FastAPI, predictor: Predictor, max_upload_bytes: int, max_
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
                              "finish_reason": finish(counts), "logprobs": None}],
                 "usage": counts, "system_fingerprint": None,
+                # Not in OpenAI's schema (clients keep unknown fields): what was done to the volume, e.g. the HU window.
+                "preprocessing": {k: prepared.preprocessing.get(k) for k in ("steps", "warnings", "hu_window")},
             }
 
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -99,6 +99,9 @@ def predict(
         if as_json:
             typer.echo(json.dumps(result, indent=2))
         else:
+            for step in result["preprocessing"]["steps"]:
+                if step.startswith("HU window "):  # raw HU windowed as the model's training images were
+                    typer.echo(f"note: {step}", err=True)
             for warning in result["preprocessing"]["warnings"]:
                 typer.echo(f"warning: {warning}", err=True)
             typer.echo(result["text"])
