@@ -155,3 +155,28 @@ def test_a_volume_over_the_upload_limit_is_413(client: openai.OpenAI, tmp_path: 
     with pytest.raises(openai.APIStatusError) as err:
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": [file_part(big)]}])
     assert err.value.status_code == 413
+    # OpenAI's error JSON, like every other /v1 error (the body limit answers before the body is read).
+    assert err.value.response.json() == {"error": {
+        "message": "the request is larger than the upload limit of 2 MB", "type": "invalid_request_error",
+        "param": None, "code": "request_too_large"}}
+    # ... which the client reads: its message and code, not a dump of an unknown body.
+    assert err.value.message == "Error code: 413 - the request is larger than the upload limit of 2 MB"
+    assert err.value.code == "request_too_large"
+
+
+def test_a_chunked_body_over_the_limit_is_an_openai_413(client: openai.OpenAI) -> None:
+    import httpx
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the limit counts the bytes as they arrive
+        yield b'{"model": "vlm", "messages": [{"role": "user", "content": "'
+        for _ in range(3):
+            yield b"x" * (1024 * 1024)
+        yield b'"}]}'
+
+    r = httpx.post(f"{client.base_url}chat/completions", content=chunks(), headers={"Content-Type": "application/json"},
+                   timeout=60)
+    assert r.status_code == 413 and "content-length" not in {k.lower() for k in r.request.headers}
+    assert r.json()["error"]["code"] == "request_too_large" and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    # Other paths keep the REST API's error shape.
+    other = httpx.post(f"{str(client.base_url)[:-len('v1/')]}report", content=b"x" * (3 * 1024 * 1024), timeout=60)
+    assert other.status_code == 413 and other.json()["code"] == "too_large"

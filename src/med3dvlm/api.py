@@ -7,7 +7,8 @@ without Content-Length) or a volume over the read limits, 415 for a file type th
 for missing or out-of-range fields, 400 when the file itself is unreadable (naming it and the reason),
 503 for /embed and /search when no case index is loaded. Every error body has the same JSON shape,
 `ErrorOut`: {"detail": str, "code": str, "status": int, "errors": list | null}; details never show a
-server path.
+server path. The OpenAI-compatible /v1 routes (`med3dvlm.openai_api`) answer in OpenAI's error JSON instead,
+the body-limit 413 included.
 
 Uploads are stored under a neutral temporary name and deleted after the request; logs carry shapes
 and timings, never file names or DICOM fields, which can identify patients. Reads are bounded by
@@ -34,7 +35,7 @@ from . import __version__
 from .data.limits import SERVER_LIMITS, ReadLimits
 from .data.volume import VolumeError, VolumeTooLarge
 from .inference import Predictor
-from .openai_api import mount_openai
+from .openai_api import is_openai_path, mount_openai, too_large
 from .uploads import UPLOAD_SUFFIXES, scrub_paths, upload_suffix
 
 logger = logging.getLogger(__name__)
@@ -167,8 +168,11 @@ class BodyLimit:
             await self._reject(scope, receive, send)
 
     async def _reject(self, scope: dict, receive: Any, send: Any) -> None:
-        mb = self.max_bytes / 1024**2
-        await error_response(413, f"the upload is larger than the limit of {mb:g} MB")(scope, receive, send)
+        if is_openai_path(scope.get("path", "")):  # OpenAI clients parse {"error": {...}}, like every other /v1 error
+            response = too_large(self.max_bytes).response()
+        else:
+            response = error_response(413, f"the upload is larger than the limit of {self.max_bytes / 1024**2:g} MB")
+        await response(scope, receive, send)
 
 
 BATCHED_PATHS = frozenset({"/report", "/vqa", "/v1/chat/completions"})

@@ -28,8 +28,8 @@ see `PreprocessSpec.hu_window`), their warnings, and the HU window when one was 
 
 Errors are OpenAI's error JSON (`{"error": {"message", "type", "param", "code"}}`): 400 for an invalid
 request or an unreadable volume (the message names the file and the reason), 404 for another model name,
-413 for a decoded volume over the upload limit. The body limit of the whole server still answers 413
-before the body is read.
+413 for a request body or a decoded volume over the upload limit (the server's body limit answers before the
+body is read, in this format on /v1 paths: `is_openai_path`).
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ class OpenAIErrorOut(BaseModel):
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": OpenAIErrorOut, "description": "An invalid request, or a volume that cannot be read (the message names it and says why)."},
     404: {"model": OpenAIErrorOut, "description": "The request names another model than the one served (see GET /v1/models)."},
-    413: {"description": "The request or the volume is larger than the upload limit."},
+    413: {"model": OpenAIErrorOut, "description": "The request or the volume is larger than the upload limit."},
 }
 _COMPLETION_RESPONSE: dict[int | str, dict[str, Any]] = {
     200: {"description": "A `chat.completion` object, or with `stream: true` server-sent `chat.completion.chunk` events.",
@@ -143,6 +143,17 @@ class OpenAIError(Exception):
     def response(self) -> JSONResponse:
         body = {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
         return JSONResponse(body, status_code=self.status)
+
+
+def is_openai_path(path: str) -> bool:
+    """Whether a request path is one of this module's, whose errors are OpenAI's error JSON."""
+    return path.startswith(PREFIX + "/")
+
+
+def too_large(max_bytes: int) -> OpenAIError:
+    """The 413 for a request body over `max_bytes`, as OpenAI's error JSON."""
+    return OpenAIError(413, f"the request is larger than the upload limit of {max_bytes / 1024**2:g} MB",
+                       code="request_too_large")
 
 
 # ------------------------------------------------------------------------------------------ request
@@ -251,7 +262,7 @@ def mount_openai(app: FastAPI, predictor: Predictor, max_upload_bytes: int, max_
     previous_http = app.exception_handlers.get(StarletteHTTPException, http_exception_handler)
 
     def on_v1(request: Request) -> bool:
-        return request.url.path.startswith(PREFIX + "/")
+        return is_openai_path(request.url.path)
 
     async def validation_errors(request: Request, exc: RequestValidationError) -> Any:
         if not on_v1(request):
