@@ -73,6 +73,14 @@ def test_vqa_on_zipped_dicom(client: TestClient, files: dict[str, Path], caplog:
     assert "DOE" not in caplog.text and "PID-0042" not in caplog.text and "DOE" not in r.text
 
 
+def test_question_spelling_the_image_placeholder_is_plain_text(client: TestClient, predictor: Predictor,
+                                                               files: dict[str, Path]) -> None:
+    question = "What does <im_patch> mean here?"  # was a 500: one image position more than the image has features
+    r = client.post("/vqa", files=upload(files["nifti"]), data={"question": question, **TOKENS})
+    assert r.status_code == 200, r.text
+    assert r.json()["question"] == question and r.json()["text"] == predictor.predict(files["nifti"], question, max_new_tokens=5).text
+
+
 def test_embed_and_search(client: TestClient, files: dict[str, Path]) -> None:
     r = client.post("/embed", files=upload(files["query"]))
     assert r.status_code == 200, r.text

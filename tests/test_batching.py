@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import sys
 import threading
 import time
@@ -195,15 +196,15 @@ def test_different_lengths_and_sampling_are_not_batched_together(files: dict[str
 def test_a_request_that_cannot_be_generated_fails_alone(files: dict[str, Any], alone: Predictor,
                                                         prepared: list[PreparedImage],
                                                         sequential: list[dict[str, Any]]) -> None:
-    # The image placeholder typed into a question gives a prompt with one placeholder too many: generation refuses it.
-    bad = f"What is {alone.model.config.image_token} here?"
-    with pytest.raises(ValueError, match="exactly"):
-        alone.predict(prepared[0], bad, max_new_tokens=TOKENS)
+    # A volume not prepared at the model's size (a caller's own tensor): the encoder and projector refuse it.
+    bad = dataclasses.replace(prepared[0], tensor=prepared[0].tensor[:, ::2, ::2, ::2].contiguous())
+    with pytest.raises(RuntimeError):
+        alone.predict(bad, QUESTIONS[0], max_new_tokens=TOKENS)
     batched = Predictor.from_dir(files["vlm"], max_batch=3, batch_window_ms=5000)
     results = at_once([lambda: batched.predict(prepared[0], QUESTIONS[0], max_new_tokens=TOKENS),
-                       lambda: batched.predict(prepared[0], bad, max_new_tokens=TOKENS),
+                       lambda: batched.predict(bad, QUESTIONS[2], max_new_tokens=TOKENS),
                        lambda: batched.predict(prepared[1], QUESTIONS[1], max_new_tokens=TOKENS)])
-    assert isinstance(results[1], ValueError)
+    assert isinstance(results[1], RuntimeError)
     assert [results[0].text, results[2].text] == [sequential[0]["text"], sequential[1]["text"]]
 
 

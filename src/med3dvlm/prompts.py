@@ -8,6 +8,10 @@ No chat template is used. A prompt is the image placeholder tokens followed by t
 
 For training the answer follows the prompt after a space and ends with the EOS token; the labels are
 -100 on the prompt (and on padding) so only the answer is learned.
+
+Text is always tokenized as text (`VLMProcessor.text_ids`): a question or report that contains the
+placeholder's spelling, or any other special token's, gets the ids of those characters, so only the
+processor places image tokens and user text can never add or move image positions.
 """
 
 from __future__ import annotations
@@ -69,11 +73,36 @@ class VLMProcessor:
             raise ValueError(f"max_length {max_length} leaves no room for text after {num_image_tokens} image tokens")
 
     # -- prompts -------------------------------------------------------------------------------
+    def text_ids(self, text: str) -> list[int]:
+        """Token ids of `text` read as plain text: special tokens spelled in it are not those tokens.
+
+        A question containing "<im_patch>" would otherwise add image positions the model has no features
+        for (generation failed), and one containing the end-of-text token would end the prompt early.
+
+        Raises:
+            ValueError: the tokenizer still produced the image token (it cannot spell it as text).
+        """
+        ids = self._ids(text)
+        if self.image_token_id in ids:
+            # A tokenizer holding the placeholder as a plain (not special) added token: spell each occurrence
+            # in two pieces, which no added token matches.
+            token = self.image_token
+            ids = []
+            for i, piece in enumerate(text.split(token)):
+                if i:
+                    ids += self._ids(token[:1]) + self._ids(token[1:])
+                ids += self._ids(piece) if piece else []
+        if self.image_token_id in ids:
+            raise ValueError(f"the text cannot be tokenized without the image token {self.image_token!r}; remove it from the text")
+        return ids
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True).input_ids
+
     def prompt_ids(self, text: str, *, caption: bool = False) -> list[int]:
-        """Image tokens, then the instruction (caption) or " " + question (VQA)."""
+        """Image tokens, then the instruction (caption) or " " + question (VQA), the text as plain text."""
         text = text if caption else " " + text
-        ids = self.tokenizer(text, add_special_tokens=False).input_ids
-        return [self.image_token_id] * self.num_image_tokens + ids
+        return [self.image_token_id] * self.num_image_tokens + self.text_ids(text)
 
     def caption_prompt(self, rng: random.Random | None = None) -> str:
         return rng.choice(CAPTION_TEMPLATES) if rng else DEFAULT_CAPTION_PROMPT
@@ -82,7 +111,7 @@ class VLMProcessor:
     def encode_example(self, prompt: str, answer: str, *, caption: bool = False) -> Encoded:
         """Ids of prompt + " " + answer + EOS, labels masked on the prompt; truncated to max_length."""
         prompt_ids = self.prompt_ids(prompt, caption=caption)
-        answer_ids = self.tokenizer(" " + answer.strip(), add_special_tokens=False).input_ids + [self.tokenizer.eos_token_id]
+        answer_ids = self.text_ids(" " + answer.strip()) + [self.tokenizer.eos_token_id]
         ids = (prompt_ids + answer_ids)[: self.max_length]
         labels = ([IGNORE_INDEX] * len(prompt_ids) + answer_ids)[: self.max_length]
         return Encoded(ids, labels)
