@@ -93,7 +93,8 @@ class VLMProcessor:
                     ids += self._ids(token[:1]) + self._ids(token[1:])
                 ids += self._ids(piece) if piece else []
         if self.image_token_id in ids:
-            raise ValueError(f"the text cannot be tokenized without the image token {self.image_token!r}; remove it from the text")
+            raise ValueError(f"the text cannot be tokenized without the image token {self.image_token!r}; "
+                             "remove it from the text")
         return ids
 
     def _ids(self, text: str) -> list[int]:

@@ -34,7 +34,8 @@ def _spec_from_options(
     fields = base.to_dict()
     if window or hu_range:
         # An explicit window replaces the spec's intensity step, and with it a windowed-data spec's hu_window.
-        fields.update(intensity="window", window=window, window_range=list(hu_range) if hu_range else None, hu_window=None)
+        fields.update(intensity="window", window=window, window_range=list(hu_range) if hu_range else None,
+                      hu_window=None)
     if intensity:
         fields["intensity"] = intensity
     if size:

@@ -16,7 +16,12 @@ from typing import Any
 
 import torch
 
-from .dcformer import closest_registered_dcformer, convert_dcformer_checkpoint, load_directory_weights, released_preprocess
+from .dcformer import (
+    closest_registered_dcformer,
+    convert_dcformer_checkpoint,
+    load_directory_weights,
+    released_preprocess,
+)
 from .projector import convert_projector_checkpoint
 
 # Keys of the released config that describe the vision tower and projector, not the Qwen2 LLM.

@@ -20,8 +20,8 @@ from __future__ import annotations
 import dataclasses
 import logging
 import warnings
-from dataclasses import dataclass, field
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -135,7 +135,9 @@ class PreprocessSpec:
         return cls(size=size, intensity="window", window=window, **kw)
 
     @classmethod
-    def m3d(cls, size: tuple[int, int, int] = DEFAULT_SIZE, hu_window: str | dict[str, float] | None = None) -> PreprocessSpec:
+    def m3d(
+        cls, size: tuple[int, int, int] = DEFAULT_SIZE, hu_window: str | dict[str, float] | None = None
+    ) -> PreprocessSpec:
         """M3D/Med3DVLM's preparation of already windowed 8-bit slices: min-max, crop, resize.
 
         `hu_window`: the display window of those slices, applied first to inputs in HU.
@@ -340,12 +342,14 @@ def preprocess_with_report(
     if display is not None:
         # The model saw images windowed for display, then min-maxed: window the HU the same way first.
         low, high = display
-        level, width = hu_window_level_width(spec.hu_window)  # type: ignore[arg-type]
+        hu_window = spec.hu_window
+        assert hu_window is not None  # input_hu_window returns bounds only for a spec with one
+        level, width = hu_window_level_width(hu_window)
         array = apply_window(array, low, high)
-        name = spec.hu_window if isinstance(spec.hu_window, str) else None
+        name = hu_window if isinstance(hu_window, str) else None
         report.hu_window = {"level": level, "width": width, "low": low, "high": high, "name": name}
         report.steps.append(
-            f"HU window {describe_hu_window(spec.hu_window)} applied: [{low:g}, {high:g}] HU -> [0, 1] "  # type: ignore[arg-type]
+            f"HU window {describe_hu_window(hu_window)} applied: [{low:g}, {high:g}] HU -> [0, 1] "
             "(the model was trained on windowed images)"
         )
     if spec.intensity == "window":
