@@ -1,7 +1,7 @@
 """A procedurally generated CT-like dataset in exactly the M3D-Cap / M3D-VQA formats.
 
 Each case is drawn from a seeded generator: a body region (abdomen, chest, head) with a body outline,
-organs at plausible Hounsfield units, 0-3 lesions of several kinds (cyst, mass, calcification, nodule,
+organs at plausible Hounsfield units, 0-2 lesions of one kind (cyst, mass, calcification, nodule,
 hemorrhage) with a size and location, a contrast phase that changes how blood and organs enhance, and
 one or two series in an acquisition plane (axial, coronal, sagittal). Volumes are rendered in HU, then
 windowed to 8 bits as the Radiopaedia sources of M3D-Cap were, then stored by the very code that
@@ -49,7 +49,9 @@ KINDS_BY_TISSUE = {
     "lung": ("nodule", "mass"),
     "brain": ("hemorrhage", "mass", "calcification"),
 }
-DIAMETER_MM = {"cyst": (10, 50), "mass": (15, 65), "calcification": (5, 14), "nodule": (6, 25), "hemorrhage": (12, 45)}
+# At 32 x 64 x 64 a voxel is 4-8 mm: every lesion spans at least two voxels (calcifications, at 700 HU, one or
+# two), so what a question asks about is there to be seen.
+DIAMETER_MM = {"cyst": (20, 50), "mass": (25, 60), "calcification": (8, 16), "nodule": (12, 30), "hemorrhage": (20, 45)}
 
 
 @dataclass
@@ -118,7 +120,7 @@ def sample_case(index: int, seed: int) -> dict[str, Any]:
     region = str(rng.choice(list(REGIONS)))
     spec = REGIONS[region]
     organs = _organs(region, rng)
-    n_lesions = int(rng.choice([0, 1, 2, 3], p=[0.15, 0.5, 0.25, 0.1]))
+    n_lesions = int(rng.choice([0, 1, 2], p=[0.3, 0.5, 0.2]))
     first = organs[int(rng.integers(len(organs)))]
     kind = str(rng.choice(KINDS_BY_TISSUE[first.tissue]))
     lesions = []
@@ -156,7 +158,9 @@ def sample_case(index: int, seed: int) -> dict[str, Any]:
     lesions.sort(key=lambda les: -les["diameter_mm"])
     phase = str(rng.choice(spec["phases"]))
     planes = [str(rng.choice(PLANES, p=[0.6, 0.25, 0.15]))]
-    if rng.random() < 0.25:  # a second series in another plane: cases with several series test case-level splits
+    # A second series in another plane for some cases: they test case-level splits. Few, because the case's one
+    # report names both planes, which the image of either series cannot tell.
+    if rng.random() < 0.1:
         planes.append(str(rng.choice([p for p in PLANES if p != planes[0]])))
     return {
         "case_id": f"{index:06d}",
@@ -221,7 +225,7 @@ def _lesion_hu(lesion: dict[str, Any], phase: int) -> float:
     if lesion["tissue"] == "lung":
         return 40.0 + 25.0 * (phase > 0)
     # Masses enhance less than the organ around them once contrast is given.
-    return organ_hu - 18.0 if phase == 0 else organ_hu - 45.0
+    return organ_hu - 40.0 if phase == 0 else organ_hu - 60.0
 
 
 def render_series(case: dict[str, Any], plane: str, grid: int = 64) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:

@@ -1,9 +1,8 @@
 """Reports and VQA rows of the phantom dataset, derived only from each case's ground truth.
 
 Reports are templated sentences (region, plane, phase, then one sentence per lesion with kind, size
-and location, then the normal organs). VQA rows follow M3D-VQA: 9 closed questions per image, Q1-3 of
-types 1-3 (Plane, Phase, Organ), Q4-6 type 4 (Abnormality), Q7-9 type 5 (Location); yes/no rows have
-the same columns with choices Yes/No.
+and location, then the normal organs). VQA rows follow M3D-VQA's columns and its five question types, one
+closed question of each type per image; yes/no rows have the same columns with choices Yes/No.
 """
 
 from __future__ import annotations
@@ -23,7 +22,8 @@ PHASE_SENTENCE = {
 }
 KIND_LABEL = {"cyst": "Cyst", "mass": "Mass", "calcification": "Calcification", "nodule": "Nodule", "hemorrhage": "Hemorrhage"}
 ALL_ORGANS = ("liver", "spleen", "right kidney", "left kidney", "right lung", "left lung", "brain", "pancreas", "heart", "bladder")
-SIZE_BINS = ("Less than 1 cm", "1 to 3 cm", "3 to 5 cm", "More than 5 cm")
+NO_ORGAN = "No abnormal organ"  # not "None", which pandas and others read as missing
+NO_ABNORMALITY = "No abnormality"
 TEMPLATES = {
     "cyst": ("{A} {d} well-defined hypodense cyst is seen in the {loc}.", "There is a simple cyst measuring {d} in the {loc}."),
     "mass": ("There is {a} {d} {enh} mass in the {loc}.", "A {enh} mass measuring {d} is present in the {loc}."),
@@ -35,10 +35,6 @@ TEMPLATES = {
 
 def _size(mm: float) -> str:
     return f"{mm:.0f} mm" if mm < 10 else f"{mm / 10:.1f} cm"
-
-
-def size_bin(mm: float) -> str:
-    return SIZE_BINS[int(np.searchsorted([10, 30, 50], mm, side="right"))]
 
 
 def _phase_words(phase: str) -> str:
@@ -83,47 +79,26 @@ def _closed(
     return row
 
 
-def _side_answer(organ: dict[str, Any]) -> str:
-    return "Midline" if organ["side"] == "midline" else f"{organ['side'].capitalize()} side"
-
-
 def vqa_rows(case: dict[str, Any], series: dict[str, Any], rng: np.random.Generator) -> list[dict[str, Any]]:
-    """The 9 M3D-VQA rows of one image: types 1, 2, 3, then 4, 4, 4, then 5, 5, 5."""
+    """The 5 M3D-VQA rows of one image, one per question type: Plane, Phase, Organ, Abnormality, Location.
+
+    Every question is worded the same whatever the case holds, so the question alone never tells the answer:
+    a case without lesions answers the lesion questions "None" / "No abnormality" instead of being asked
+    something else. Organ, Abnormality and Location ask about the largest lesion.
+    """
     image, text = series["image"], case["report"]
-    lesions, organs = case["lesions"], case["organs"]
+    top = case["lesions"][0] if case["lesions"] else None
     q = lambda *a: _closed(rng, *a, image, text)  # noqa: E731 - a local shorthand
-    plane = series["plane"].capitalize()
-    rows = [
-        q(1, "In which plane is this CT image acquired?", plane, ["Axial", "Coronal", "Sagittal", "Oblique"]),
+    organs = [o.capitalize() for o in ALL_ORGANS] + [NO_ORGAN]
+    kinds = [*KIND_LABEL.values(), NO_ABNORMALITY]
+    return [
+        q(1, "In which plane is this CT image acquired?", series["plane"].capitalize(), ["Axial", "Coronal", "Sagittal", "Oblique"]),
         q(2, "Which contrast phase is this CT image?", PHASE_LABEL[case["phase"]], list(PHASE_LABEL.values())),
+        q(3, "Which organ shows an abnormality in this image?", top["organ"].capitalize() if top else NO_ORGAN, organs),
+        q(4, "What type of abnormality is seen in this image?", KIND_LABEL[top["kind"]] if top else NO_ABNORMALITY, kinds),
+        q(5, "On which side of the body is the largest abnormality?", top["side"].capitalize() if top else NO_ABNORMALITY,
+          ["Left", "Right", "Midline", NO_ABNORMALITY]),
     ]
-    other_organs = [o.capitalize() for o in ALL_ORGANS]
-    kinds = list(KIND_LABEL.values())
-    n = len(lesions)
-    if lesions:
-        top = lesions[0]
-        kind = top["kind"]
-        rows.append(q(3, "Which organ shows an abnormality in this image?", top["organ"].capitalize(), other_organs))
-        rows.append(q(4, f"What type of abnormality is seen in the {top['organ']}?", KIND_LABEL[kind], kinds))
-        rows.append(q(4, "How many focal lesions are seen in this image?", str(n), ["0", "1", "2", "3", "4"]))
-        rows.append(q(4, "What is the approximate size of the largest lesion?", size_bin(top["diameter_mm"]), list(SIZE_BINS)))
-        same_region = [f"{p} of the {o['name']}" if o["name"] != "brain" else f"{s} {p}" for o in organs for p in o["parts"] for s in ("left", "right")]
-        rows.append(q(5, f"Where is the {kind} located?", top["location"].capitalize(), [loc.capitalize() for loc in same_region]))
-        rows.append(q(5, f"On which side of the body is the largest {kind}?", top["side"].capitalize(), ["Left", "Right", "Midline"]))
-        part = "Upper part" if top["upper"] else "Lower part"
-        rows.append(q(5, f"Is the {kind} in the upper or lower part of the {top['organ']}?", part, ["Upper part", "Lower part"]))
-    else:
-        shown = organs[int(rng.integers(len(organs)))]
-        absent = [o.capitalize() for o in ALL_ORGANS if o not in {x["name"] for x in organs}]
-        rows.append(q(3, "Which organ is visible in this image?", shown["name"].capitalize(), absent))
-        rows.append(q(4, "What abnormality is seen in this image?", "No abnormality", kinds))
-        rows.append(q(4, "How many focal lesions are seen in this image?", "0", ["1", "2", "3", "4"]))
-        rows.append(q(4, "What is the approximate size of the largest lesion?", "No lesion", list(SIZE_BINS)))
-        rows.append(q(5, f"Where is the {shown['name']} located?", _side_answer(shown), ["Left side", "Right side", "Midline"]))
-        other = organs[int(rng.integers(len(organs)))]
-        rows.append(q(5, f"On which side of the body is the {other['name']}?", _side_answer(other), ["Left side", "Right side", "Midline"]))
-        rows.append(q(5, "Which part of the body was scanned?", case["region"].capitalize(), ["Head", "Chest", "Abdomen", "Pelvis"]))
-    return rows
 
 
 def _yn(qtype: int, question: str, yes: bool, image: str, text: str) -> dict[str, Any]:
