@@ -5,7 +5,7 @@
 - every closed question three times, with the real volume, a zeroed one and another case's (`grounding`),
   scored with the strict letter rule, beside the image-free text-prior baseline;
 - the yes/no questions (balanced accuracy, yes-rate against the true yes-rate);
-- a report per image, read for its findings against the case's ground truth (`findings`).
+- a report per image (or the first `n_reports`), read for its findings against the case's ground truth (`findings`).
 
 It returns the numbers (percentages, 0-100) and the per-question rows for `predictions` files.
 """
@@ -49,10 +49,14 @@ def evaluate_with_controls(
     data_root: str | os.PathLike,
     n_images: int = 32,
     batch_size: int = 16,
+    n_reports: int | None = None,
     seed: int = 0,
     progress: bool = True,
 ) -> tuple[dict[str, Any], dict[str, list[dict[str, Any]]]]:
-    """(results, rows): see the module docstring. `data_root` holds M3D_Cap.json, M3D-VQA/ and phantom_truth.json."""
+    """(results, rows): see the module docstring. `data_root` holds M3D_Cap.json, M3D-VQA/ and phantom_truth.json.
+
+    Reports, the slowest to generate, are written for the first `n_reports` of the images only (all when None).
+    """
     from ..data.datasets import CaptionDataset, VQADataset
 
     root = Path(data_root)
@@ -96,7 +100,8 @@ def evaluate_with_controls(
     rows["yes_no"] = yn_rows
 
     reports = CaptionDataset(root / "M3D_Cap.json", split="test", size=size, train=False, seed=seed)  # type: ignore[arg-type]
-    rep_keep = [i for i, item in enumerate(reports.items) if item["image"] in chosen]
+    reported = set(images[:n_reports] if n_reports is not None else images)
+    rep_keep = [i for i, item in enumerate(reports.items) if item["image"] in reported]
     report_rows = generate_answers(model, Subset(reports, rep_keep), GenerationSettings(max_new_tokens=96, batch_size=batch_size),
                                    caption=True, progress=progress)
     cases = _cases_by_image(root)
