@@ -49,7 +49,7 @@ class QuickstartBudget:
     cases: int = 1000
     clip_steps: int = 200
     stage2_steps: int = 40
-    stage3_steps: int = 300
+    stage3_steps: int = 260
     llm_layers: int | None = None  # all of SmolLM2's 30 layers: a truncated frozen LLM starts stage 2 worse than uniform
     caption_repeats: int = 2  # reports are 6 % of the items otherwise
     eval_images: int = 56  # held-out images: 5 closed (280 in all) and 5 yes/no questions each
@@ -187,7 +187,8 @@ def _evaluate(out: Path, data: Path, budget: QuickstartBudget, seed: int) -> Non
     from .hub import write_json_atomic
 
     model = load_model(out / "model", device="cpu")
-    results, rows = evaluate_with_controls(model, data, n_images=budget.eval_images, seed=seed, n_reports=budget.report_images)
+    results, rows = evaluate_with_controls(model, data, n_images=budget.eval_images, batch_size=32, seed=seed,
+                                           n_reports=budget.report_images)
     folder = out / "eval"
     folder.mkdir(parents=True, exist_ok=True)
     for name, table in rows.items():
