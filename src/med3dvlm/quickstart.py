@@ -47,8 +47,8 @@ class QuickstartBudget:
     """Sizes and optimizer steps of each stage; the defaults fit the README's 15-minute budget on 2 cores."""
 
     cases: int = 1000
-    clip_steps: int = 200
-    stage2_steps: int = 40
+    clip_steps: int = 160
+    stage2_steps: int = 30
     stage3_steps: int = 260
     llm_layers: int | None = None  # all of SmolLM2's 30 layers: a truncated frozen LLM starts stage 2 worse than uniform
     caption_repeats: int = 2  # reports are 6 % of the items otherwise
