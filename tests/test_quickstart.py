@@ -18,11 +18,13 @@ def test_quickstart_runs_every_step_writes_results_json_and_resumes(tmp_path):
     assert (tmp_path / "model" / "llm").is_dir() and not (tmp_path / "model" / "lora").exists()
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["seed"] == 1 and results["retrieval"]["n"] == 5
-    assert results["closed_vqa"]["n"] == 36 and len(results["closed_vqa"]["strict"]["by_type"]) == 5
+    assert results["closed_vqa"]["n"] == 20 and len(results["closed_vqa"]["strict"]["by_type"]) == 5  # 4 images x 5 types
     for key in ("zero", "swapped"):
         assert 0 <= results["ablation"][key]["closed_vqa_strict"] <= 100
     assert set(results["probe"]["by_type"]) == set(results["closed_vqa"]["strict"]["by_type"])
     assert results["yes_no"]["n"] == 20 and results["report"]["n"] == 4
+    # The phantom's body window travels with the final model, for raw HU input (predict, app, API).
+    assert '"hu_window": "soft_tissue"' in (tmp_path / "model" / "config.json").read_text()
     first = json.loads((tmp_path / "timings.json").read_text())
     run_quickstart(tmp_path, seed=1, budget=budget)  # everything is skipped
     assert json.loads((tmp_path / "timings.json").read_text()) == first

@@ -73,7 +73,10 @@ def clip_recipe(data: Path, out: Path, steps: int, seed: int = 0, eval_json: Pat
             # The pretrained text tower at 1/50 of the lr: at the encoder's lr it loses what it knows.
             "text_lr_scale": 0.02,
         },
-        "data": {"cap_json": str(data / "M3D_Cap.json"), "split": "train", "image_size": VOLUME, "augment": False},
+        # Stored with the models, so raw HU input is windowed as the phantom's abdomen and chest series were (its
+        # head series use the brain window: head scans in HU are approximate).
+        "data": {"cap_json": str(data / "M3D_Cap.json"), "split": "train", "image_size": VOLUME, "augment": False,
+                 "hu_window": "soft_tissue"},
         "train": _train_section(out, seed, lr=2e-3, weight_decay=0.05, max_steps=steps, batch_size=32,
                                 progress_desc="stage 1: contrastive pre-training"),
         "eval": {"split": "test", "cap_json": str(eval_json) if eval_json else None, "sizes": [pairs], "batch_size": 32},
