@@ -24,7 +24,7 @@ def test_quickstart_runs_every_step_writes_results_json_and_resumes(tmp_path):
     assert set(results["probe"]["by_type"]) == set(results["closed_vqa"]["strict"]["by_type"])
     assert results["yes_no"]["n"] == 20 and results["report"]["n"] == 4
     # The phantom's body window travels with the final model, for raw HU input (predict, app, API).
-    assert '"hu_window": "soft_tissue"' in (tmp_path / "model" / "config.json").read_text()
+    assert json.loads((tmp_path / "model" / "vision" / "config.json").read_text())["preprocess"]["hu_window"] == "soft_tissue"
     first = json.loads((tmp_path / "timings.json").read_text())
     run_quickstart(tmp_path, seed=1, budget=budget)  # everything is skipped
     assert json.loads((tmp_path / "timings.json").read_text()) == first
