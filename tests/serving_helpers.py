@@ -114,6 +114,16 @@ def serving_files(root: Path, tokenizer: Any) -> dict[str, Path]:
     }
 
 
+def indexed_predictor(files: dict[str, Path]) -> Any:
+    """A `Predictor` of the tiny VLM in `files` with its 4-case index attached (for /search and the app)."""
+    from med3dvlm.inference import Predictor
+    from med3dvlm.search import CaseIndex
+
+    predictor = Predictor.from_dir(files["vlm"])
+    predictor.index = CaseIndex(files["index"], device="cpu")
+    return predictor
+
+
 @contextlib.contextmanager
 def live_server(app: Any) -> Iterator[str]:
     """`app` served by uvicorn on a free local port in a thread; yields its base URL (http://127.0.0.1:PORT)."""

@@ -21,10 +21,9 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from med3dvlm.api import create_app  # noqa: E402
 from med3dvlm.inference import Predictor  # noqa: E402
-from med3dvlm.search import CaseIndex  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serving_helpers import serving_files  # noqa: E402
+from serving_helpers import indexed_predictor, serving_files  # noqa: E402
 
 TOKENS = {"max_new_tokens": "5"}
 
@@ -36,9 +35,7 @@ def files(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> dict[str,
 
 @pytest.fixture(scope="module")
 def predictor(files: dict[str, Path]) -> Predictor:
-    p = Predictor.from_dir(files["vlm"])
-    p.index = CaseIndex(files["index"], device="cpu")
-    return p
+    return indexed_predictor(files)
 
 
 @pytest.fixture(scope="module")

@@ -21,11 +21,10 @@ import med3dvlm.inference as inference  # noqa: E402
 from med3dvlm.api import ERROR_CODES, create_app  # noqa: E402
 from med3dvlm.data.limits import ReadLimits  # noqa: E402
 from med3dvlm.inference import Predictor  # noqa: E402
-from med3dvlm.search import CaseIndex  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from hostile_inputs import edit_dicom_series, lps_nifti, lying_nifti, lying_nrrd, nifti_with_affine, npy_bytes, zip_of  # noqa: E402
-from serving_helpers import hu_phantom, serving_files, write_dicom_series, zip_folder  # noqa: E402
+from serving_helpers import hu_phantom, indexed_predictor, serving_files, write_dicom_series, zip_folder  # noqa: E402
 
 NAME = "Doe_Jane_19610101"
 SECRET = "Jane Doe follow-up"
@@ -47,9 +46,7 @@ def files(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> dict[str,
 
 @pytest.fixture(scope="module")
 def predictor(files: dict[str, Path]) -> Predictor:
-    p = Predictor.from_dir(files["vlm"])
-    p.index = CaseIndex(files["index"], device="cpu")
-    return p
+    return indexed_predictor(files)
 
 
 @pytest.fixture(scope="module")

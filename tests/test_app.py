@@ -14,11 +14,10 @@ gr = pytest.importorskip("gradio")
 
 from med3dvlm.app import AUTO, create_demo, to_uint8  # noqa: E402
 from med3dvlm.inference import Predictor  # noqa: E402
-from med3dvlm.search import CaseIndex  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from hostile_inputs import edit_dicom_series, lying_nifti, nifti_with_affine  # noqa: E402
-from serving_helpers import hu_phantom, serving_files, write_dicom_series  # noqa: E402
+from serving_helpers import hu_phantom, indexed_predictor, serving_files, write_dicom_series  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +27,7 @@ def files(tmp_path_factory: pytest.TempPathFactory, tiny_tokenizer) -> dict[str,
 
 @pytest.fixture(scope="module")
 def handlers(files: dict[str, Path]) -> dict:
-    predictor = Predictor.from_dir(files["vlm"])
-    predictor.index = CaseIndex(files["index"], device="cpu")
-    demo = create_demo(predictor)
+    demo = create_demo(indexed_predictor(files))
     assert "Find similar cases" in {b.value for b in demo.blocks.values() if isinstance(b, gr.Button)}
     return {f.fn.__name__: f.fn for f in demo.fns.values()}
 

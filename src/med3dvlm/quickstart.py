@@ -3,7 +3,7 @@
 `med3dvlm quickstart` runs, on a CPU and offline, everything the paper does at small scale:
 
 1. a phantom CT dataset in the M3D-Cap / M3D-VQA formats (`med3dvlm data phantom`);
-2. stage 1, SigLIP pre-training of a narrow DCFormer with the embedded all-MiniLM-L6-v2 text tower;
+2. stage 1, contrastive (CLIP-loss) pre-training of a narrow DCFormer with the embedded all-MiniLM-L6-v2 text tower;
 3. stage 2, projector pre-training with the embedded SmolLM2-135M-Instruct, encoder and LLM frozen;
 4. stage 3, LoRA fine-tuning, then the LoRA merged into a standalone model;
 5. evaluation: retrieval recall@K, report generation and closed/open VQA with the paper's metrics;
