@@ -128,3 +128,19 @@ def test_data_section_selects_question_types_and_forms(phantom):
     everything = build_dataset(VLMDataSection(cap_json=None, vqa_csv=str(vqa / "M3D_VQA_train.csv"), augment=False), 3, (64, 64, 64), 0)
     assert [p.mode for p in everything.datasets] == ["closed", "open"]
     assert set(everything.datasets[0].rows["Question Type"]) == {1, 2, 3, 4, 5}
+
+
+def test_training_attention_kernel_is_used_and_not_saved(tmp_path, phantom, tiny_tokenizer, monkeypatch):
+    """`model.llm_attention: eager` runs training through the eager kernel; the saved model keeps its own."""
+    from transformers.models.llama import modeling_llama
+
+    calls = []
+    eager = modeling_llama.eager_attention_forward
+    monkeypatch.setattr(modeling_llama, "eager_attention_forward", lambda *a, **k: calls.append(1) or eager(*a, **k))
+    tok_dir = tmp_path / "tokenizer"
+    tiny_tokenizer.save_pretrained(tok_dir)
+    assert main(["train", "vlm", "--config", str(_recipe(tmp_path, phantom, tok_dir, 2, llm_attention="eager"))]) == 0
+    assert calls, "training did not run the eager attention kernel"
+    saved = tmp_path / "stage2" / "model"
+    assert "eager" not in (saved / "llm" / "config.json").read_text()
+    assert med3dvlm.from_pretrained(saved).llm.config._attn_implementation == "sdpa"

@@ -49,7 +49,7 @@ class QuickstartBudget:
     cases: int = 1000
     clip_steps: int = 160
     stage2_steps: int = 30
-    stage3_steps: int = 260
+    stage3_steps: int = 400
     llm_layers: int | None = None  # all of SmolLM2's 30 layers: a truncated frozen LLM starts stage 2 worse than uniform
     caption_repeats: int = 2  # reports are 6 % of the items otherwise
     eval_images: int = 56  # held-out images: 5 closed (280 in all) and 5 yes/no questions each
@@ -90,12 +90,14 @@ def vlm_recipe(data: Path, out: Path, stage: int, start: Path, steps: int, seed:
               "overrides": {"vision_overrides": ENCODER, "max_length": 160, "llm_layers": llm_layers,
                             "projector_overrides": {"low_tokens_out": [8, 8], "high_tokens_out": [4, 8]}}}
              if stage == 2 else {"init_from": str(start)})
+    model["llm_attention"] = "eager"  # ~1.3x faster steps on a CPU at these lengths (see VLMModelSection)
     return {
         "model": model,
         "data": {"cap_json": str(data / "M3D_Cap.json"), "vqa_csv": str(vqa / "M3D_VQA_train.csv"),
                  "yes_no_csv": str(vqa / "M3D_VQA_yn_train.csv") if stage == 3 else None, "augment": False,
                  "caption_repeats": caption_repeats, "closed_answer": "text"},
-        "stage": {"stage": stage},
+        # No LoRA dropout: its Bernoulli masks are a fifth of a CPU step, and a few hundred steps do not overfit.
+        "stage": {"stage": stage, "lora_dropout": 0.0},
         # Length-grouped batches: a report is ~4x a question, and mixed batches would be mostly padding.
         "train": _train_section(out, seed, lr=1e-3 if stage == 2 else 5e-4, max_steps=steps, batch_size=8, group_by_length=True,
                                 mixed_precision="bf16",

@@ -43,6 +43,10 @@ class VLMModelSection:
     vision_from: str | None = None  # stage-1 encoder folder (train clip's `vision/`) to start from
     init_from: str | None = None  # a saved VLM folder (stage 2's `model/`) to continue from instead of `name`
     tokenizer: str | None = None  # tokenizer folder, for models built from an LLM config without one
+    # The LLM's attention kernel while training ("sdpa", "eager", ...; null keeps the loaded one). On a CPU, for
+    # the short sequences of VQA, "eager" makes a step ~1.3x faster: SDPA's CPU backward costs ~5 ms per layer.
+    # Not saved (the Hugging Face config does not store it); generation has its own kernel (models.decoding).
+    llm_attention: str | None = None
 
 
 @dataclass
@@ -204,6 +208,11 @@ def build_dataset(section: VLMDataSection, stage: int, image_size: tuple[int, in
     return ConcatDataset(parts)
 
 
+def _base_llm(model: nn.Module) -> nn.Module:
+    """The Hugging Face model under a peft wrapper (or the LLM itself)."""
+    return getattr(model.llm, "get_base_model", lambda: model.llm)()
+
+
 def item_lengths(dataset: ConcatDataset) -> list[int]:
     """Text length of every item of a stage's dataset, read without loading images."""
     lengths = []
@@ -224,6 +233,8 @@ def main(recipe: dict[str, Any], resume: bool | str | os.PathLike = False) -> di
         model.vision.config = with_hu_window(model.vision.config, cfg.data.hu_window)  # saved in model/vision/
     if model.processor is None:
         raise ValueError("the VLM has no tokenizer; build it from a registered name with an LLM or a saved folder")
+    if cfg.model.llm_attention is not None:
+        _base_llm(model).set_attn_implementation(cfg.model.llm_attention)
     image_size = tuple(cfg.data.image_size or model.vision.config.input_size)
     dataset = build_dataset(cfg.data, cfg.stage.stage, image_size, cfg.train.seed)  # type: ignore[arg-type]
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
