@@ -92,7 +92,8 @@ def vlm_recipe(data: Path, out: Path, stage: int, start: Path, steps: int, seed:
               "overrides": {"vision_overrides": ENCODER, "max_length": 160, "llm_layers": llm_layers,
                             "projector_overrides": {"low_tokens_out": [8, 8], "high_tokens_out": [4, 8]}}}
              if stage == 2 else {"init_from": str(start)})
-    model["llm_attention"] = "eager"  # ~1.3x faster steps on a CPU at these lengths (see VLMModelSection)
+    # Eager attention: never more than 7 % slower than SDPA here, and 1.3x faster where SDPA's CPU kernel is slow.
+    model["llm_attention"] = "eager"
     return {
         "model": model,
         "data": {"cap_json": str(data / "M3D_Cap.json"), "vqa_csv": str(vqa / "M3D_VQA_train.csv"),

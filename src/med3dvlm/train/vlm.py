@@ -43,8 +43,9 @@ class VLMModelSection:
     vision_from: str | None = None  # stage-1 encoder folder (train clip's `vision/`) to start from
     init_from: str | None = None  # a saved VLM folder (stage 2's `model/`) to continue from instead of `name`
     tokenizer: str | None = None  # tokenizer folder, for models built from an LLM config without one
-    # The LLM's attention kernel while training ("sdpa", "eager", ...; null keeps the loaded one). On a CPU, for
-    # the short sequences of VQA, "eager" makes a step ~1.3x faster: SDPA's CPU backward costs ~5 ms per layer.
+    # The LLM's attention kernel while training ("sdpa", "eager", ...; null keeps the loaded one). On a CPU the
+    # speed of SDPA's kernel depends on the values it sees: for some models' batches "eager" was 1.3x faster per
+    # step, for others equal or 7 % slower (benchmarks/vlm_step.py, docs/benchmarks.md).
     # Not saved (the Hugging Face config does not store it); generation has its own kernel (models.decoding).
     llm_attention: str | None = None
 
