@@ -32,6 +32,7 @@ SETTINGS = [("sdpa", 0.05), ("sdpa", 0.0), ("eager", 0.05), ("eager", 0.0)]
 
 
 def build(attention: str, dropout: float):
+    from med3dvlm.models.vlm import base_llm
     from med3dvlm.quickstart import ENCODER
     from med3dvlm.train.sampling import seed_everything
     from med3dvlm.train.vlm import StageSection, VLMModelSection, build_vlm_model, set_trainable
@@ -41,7 +42,7 @@ def build(attention: str, dropout: float):
         "vision_overrides": ENCODER, "max_length": 160,
         "projector_overrides": {"low_tokens_out": [8, 8], "high_tokens_out": [4, 8]}})
     model = set_trainable(build_vlm_model(section), StageSection(stage=3, lora_dropout=dropout))
-    model.llm.get_base_model().set_attn_implementation(attention)
+    base_llm(model.llm).set_attn_implementation(attention)
     model.train()
     model.vision.eval()
     return model
@@ -83,7 +84,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=4)
     args = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch 8, bf16 autocast")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

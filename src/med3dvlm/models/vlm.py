@@ -334,6 +334,11 @@ def has_lora(llm: nn.Module) -> bool:
     return hasattr(llm, "peft_config")
 
 
+def base_llm(llm: nn.Module) -> nn.Module:
+    """The Hugging Face model under a peft wrapper, or `llm` itself."""
+    return getattr(llm, "get_base_model", lambda: llm)()
+
+
 def _pad_right(rows: list[torch.Tensor], pad_id: int) -> torch.Tensor:
     out = torch.full((len(rows), max(len(r) for r in rows)), pad_id, dtype=torch.long)
     for i, r in enumerate(rows):
@@ -342,7 +347,7 @@ def _pad_right(rows: list[torch.Tensor], pad_id: int) -> torch.Tensor:
 
 
 def _llm_config_dict(llm: nn.Module) -> dict[str, Any]:
-    base = getattr(llm, "get_base_model", lambda: llm)()
+    base = base_llm(llm)
     data = base.config.to_diff_dict() if hasattr(base.config, "to_diff_dict") else base.config.to_dict()
     data["model_type"] = base.config.model_type
     for key in ("transformers_version", "_name_or_path", "architectures", "dtype", "torch_dtype"):

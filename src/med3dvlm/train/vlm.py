@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from torch.utils.data import ConcatDataset, Subset
 
-from ..models.vlm import has_lora
+from ..models.vlm import base_llm, has_lora
 from ..prompts import VLMProcessor
 from .config import section_from_dict, to_plain
 from .engine import TrainConfig, Trainer, sample_indices, seed_everything
@@ -209,11 +209,6 @@ def build_dataset(section: VLMDataSection, stage: int, image_size: tuple[int, in
     return ConcatDataset(parts)
 
 
-def _base_llm(model: nn.Module) -> nn.Module:
-    """The Hugging Face model under a peft wrapper (or the LLM itself)."""
-    return getattr(model.llm, "get_base_model", lambda: model.llm)()
-
-
 def item_lengths(dataset: ConcatDataset) -> list[int]:
     """Text length of every item of a stage's dataset, read without loading images."""
     lengths = []
@@ -235,7 +230,7 @@ def main(recipe: dict[str, Any], resume: bool | str | os.PathLike = False) -> di
     if model.processor is None:
         raise ValueError("the VLM has no tokenizer; build it from a registered name with an LLM or a saved folder")
     if cfg.model.llm_attention is not None:
-        _base_llm(model).set_attn_implementation(cfg.model.llm_attention)
+        base_llm(model.llm).set_attn_implementation(cfg.model.llm_attention)
     image_size = tuple(cfg.data.image_size or model.vision.config.input_size)
     dataset = build_dataset(cfg.data, cfg.stage.stage, image_size, cfg.train.seed)  # type: ignore[arg-type]
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
