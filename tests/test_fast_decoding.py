@@ -92,6 +92,30 @@ def test_eos_stops_rows_and_pads_them(vlm, monkeypatch):
     assert fast.shape == ref.shape == (len(QUESTIONS), 1) and fast.tolist() == ref.tolist()
 
 
+def test_finished_rows_leave_the_batch(llama_vlm, monkeypatch):
+    """A row that produced its eos is no longer computed, and the others' tokens (penalty included) stay HF's."""
+    batch = llama_vlm.processor.generation_batch(QUESTIONS)
+    images = torch.rand(len(QUESTIONS), 1, 64, 64, 64)
+    free = llama_vlm.generate(images, **batch, max_new_tokens=16, fast=False, eos_token_id=[], repetition_penalty=1.3)
+    eos = [int(free[0, 2]), int(free[2, 6])]
+    rows_seen: list[int] = []
+    embed = llama_vlm.llm.get_input_embeddings()
+    hook = embed.register_forward_hook(lambda m, args, out: rows_seen.append(args[0].shape[0]))
+    try:
+        fast, ref = _both(llama_vlm, images, batch, monkeypatch, max_new_tokens=16, eos_token_id=eos, pad_token_id=3,
+                          repetition_penalty=1.3)
+    finally:
+        hook.remove()
+    assert fast.tolist() == ref.tolist()
+    steps = fast.shape[1]
+    first_eos = [next((t for t in range(steps) if int(fast[i, t]) in eos), steps) for i in range(len(QUESTIONS))]
+    assert min(first_eos) < steps - 1, "no row finished early; the test needs other eos tokens"
+    # The embedding runs on the prompt, then once per step on the rows still decoding after the token just chosen.
+    # The fast call ran last, so its calls are the last `steps` ones.
+    expected = [len(QUESTIONS)] + [sum(e > t for e in first_eos) for t in range(steps - 1)]
+    assert rows_seen[-steps:] == expected
+
+
 def test_min_new_tokens_and_repetition_penalty(llama_vlm, monkeypatch):
     batch = llama_vlm.processor.generation_batch(QUESTIONS)
     images = torch.rand(len(QUESTIONS), 1, 64, 64, 64)
@@ -100,8 +124,9 @@ def test_min_new_tokens_and_repetition_penalty(llama_vlm, monkeypatch):
     fast, ref = _both(llama_vlm, images, batch, monkeypatch, max_new_tokens=12, min_new_tokens=5, eos_token_id=eos,
                       pad_token_id=3)
     assert fast.shape[1] >= 5 and fast.tolist() == ref.tolist()
-    fast, ref = _both(llama_vlm, images, batch, monkeypatch, max_new_tokens=20, eos_token_id=[], repetition_penalty=1.5)
-    plain = llama_vlm.generate(images, **batch, max_new_tokens=20, eos_token_id=[])
+    # 60 tokens: with 20 a random tiny model sometimes repeats no token at all, and the penalty has nothing to act on.
+    fast, ref = _both(llama_vlm, images, batch, monkeypatch, max_new_tokens=60, eos_token_id=[], repetition_penalty=1.5)
+    plain = llama_vlm.generate(images, **batch, max_new_tokens=60, eos_token_id=[])
     assert fast.tolist() == ref.tolist()
     assert fast.tolist() != plain.tolist()  # the penalty really acted
 

@@ -142,6 +142,8 @@ def _decoder_parts(llm: nn.Module) -> _Parts | None:
             return None
         if hasattr(attn, "q_norm") or hasattr(attn, "k_norm") or getattr(attn, "sliding_window", None):
             return None
+        if not all(hasattr(mlp, p) for p in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+            return None
         if not (hasattr(layer, "input_layernorm") and hasattr(layer, "post_attention_layernorm")):
             return None
         if type(layer).__name__ not in ("LlamaDecoderLayer", "Qwen2DecoderLayer", "MistralDecoderLayer"):
@@ -150,6 +152,38 @@ def _decoder_parts(llm: nn.Module) -> _Parts | None:
     heads = config.num_attention_heads
     return _Parts(layers=layers, norm=norm, lm_head=lm_head, rotary=rotary, num_heads=heads,
                   num_kv_heads=config.num_key_value_heads, head_dim=first.head_dim)
+
+
+# Up to this many rows, a CPU projection runs as (W @ x^T)^T instead of x @ W^T (see `_linear`).
+_FEW_ROWS = 16
+
+
+def _linear(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`module(x)`, for a plain `nn.Linear` on a CPU and a few rows computed with the weight as the left operand.
+
+    Decoding multiplies a handful of rows by every weight matrix, so a step is bound by how fast the weights are
+    read. For such shapes the CPU kernel behind `F.linear` reads them at 7-12 GB/s, while the same product with
+    the weight on the left streams it at ~30 GB/s on the development machine (benchmarks/generate.py). A single
+    row gets a second, zero row: the matrix-vector kernel is as slow as `F.linear`. Other modules (a LoRA-wrapped
+    projection) and other devices are called as they are.
+    """
+    if type(module) is not nn.Linear or x.device.type != "cpu":
+        return module(x)
+    rows = x.numel() // x.shape[-1]
+    if rows > _FEW_ROWS:
+        return module(x)
+    flat = x.reshape(rows, x.shape[-1])
+    if rows == 1:
+        flat = torch.cat([flat, torch.zeros_like(flat)])
+    y = (module.weight @ flat.t()).t()[:rows]
+    if module.bias is not None:
+        y = y + module.bias
+    return y.reshape(*x.shape[:-1], module.out_features)
+
+
+def _mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The gated MLP of Llama and Qwen2 (`down(act(gate(x)) * up(x))`, their `forward`), through `_linear`."""
+    return _linear(mlp.down_proj, mlp.act_fn(_linear(mlp.gate_proj, x)) * _linear(mlp.up_proj, x))
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -174,6 +208,11 @@ class _RepetitionPenalty:
     def __call__(self, scores: torch.Tensor) -> torch.Tensor:
         penalised = torch.where(scores < 0, scores * self.penalty, scores / self.penalty)
         return torch.where(self.seen, penalised, scores)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Drop the rows not in `rows` (a boolean mask over the current rows): they finished."""
+        self.skip, self.seen = self.skip[rows], self.seen[rows]
+        self.rows = torch.arange(self.seen.shape[0], device=self.seen.device)
 
     def record(self, step: int, tokens: torch.Tensor) -> None:
         # Rows still inside their skipped stretch keep their mask (the value written is what it already held).
@@ -228,9 +267,9 @@ def greedy_generate(
 
     def attend(layer_idx: int, attn: nn.Module, x: torch.Tensor, start: int) -> torch.Tensor:
         b, n, _ = x.shape
-        q = attn.q_proj(x).view(b, n, parts.num_heads, parts.head_dim).transpose(1, 2)
-        k = attn.k_proj(x).view(b, n, parts.num_kv_heads, parts.head_dim).transpose(1, 2)
-        v = attn.v_proj(x).view(b, n, parts.num_kv_heads, parts.head_dim).transpose(1, 2)
+        q = _linear(attn.q_proj, x).view(b, n, parts.num_heads, parts.head_dim).transpose(1, 2)
+        k = _linear(attn.k_proj, x).view(b, n, parts.num_kv_heads, parts.head_dim).transpose(1, 2)
+        v = _linear(attn.v_proj, x).view(b, n, parts.num_kv_heads, parts.head_dim).transpose(1, 2)
         c, s = cos[:, :, start:start + n], sin[:, :, start:start + n]
         q = q * c + _rotate_half(q) * s
         k = k * c + _rotate_half(k) * s
@@ -251,14 +290,14 @@ def greedy_generate(
             step_mask = None if keys_ok is None else keys_ok[:, None, None, :start + 1]
             out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=step_mask, scale=attn.scaling)
             out = out.reshape(b, parts.num_heads, 1, parts.head_dim)
-        return attn.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+        return _linear(attn.o_proj, out.transpose(1, 2).reshape(b, n, -1))
 
     def forward(x: torch.Tensor, start: int) -> torch.Tensor:
         for i, layer in enumerate(parts.layers):
             x = x + attend(i, layer.self_attn, layer.input_layernorm(x), start)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = x + _mlp(layer.mlp, layer.post_attention_layernorm(x))
         # Only the last position's logits are ever needed.
-        return parts.lm_head(parts.norm(x[:, -1:]))[:, -1].float()
+        return _linear(parts.lm_head, parts.norm(x[:, -1:]))[:, -1].float()
 
     eos = torch.tensor(plan.eos_token_ids, dtype=torch.long, device=device) if plan.eos_token_ids else None
     pad = plan.pad_token_id
@@ -267,8 +306,11 @@ def greedy_generate(
     streamer = plan.streamer
     if streamer is not None:
         streamer.put(torch.empty(batch, 0, dtype=torch.long))  # generate hands the (empty) prompt ids over first
-    unfinished = torch.ones(batch, dtype=torch.bool, device=device)
-    out = torch.empty(batch, plan.max_new_tokens, dtype=torch.long, device=device)
+    # Rows that produced an eos leave the batch: every later step (and every cache read) is over the rows still
+    # decoding only, so a short answer batched with a long report stops costing anything once it is done.
+    # `active` maps the rows being computed to the call's rows.
+    active = torch.arange(batch, device=device)
+    out = torch.full((batch, plan.max_new_tokens), -1 if pad is None else pad, dtype=torch.long, device=device)
     logits = forward(inputs_embeds, 0)
     penalty = None if plan.repetition_penalty is None else \
         _RepetitionPenalty(plan.repetition_penalty, attention_mask, logits.shape[-1])
@@ -280,20 +322,26 @@ def greedy_generate(
         if eos is not None and step < plan.min_new_tokens:
             logits[:, eos] = -float("inf")
         token = logits.argmax(dim=-1)
-        if eos is not None:
-            token = torch.where(unfinished, token, pad)
-        out[:, step] = token
+        out[active, step] = token
         steps = step + 1
         if streamer is not None:
-            streamer.put(token.cpu())
-        if eos is not None:
-            unfinished &= ~torch.isin(token, eos)
-            if not bool(unfinished.any()):
-                break
+            streamer.put(out[:, step].cpu())
+        done = torch.isin(token, eos) if eos is not None else None
+        if done is not None and bool(done.all()):
+            break
         if step + 1 == plan.max_new_tokens:
             break
         if penalty is not None:
             penalty.record(step, token)
+        if done is not None and bool(done.any()):
+            keep = ~done
+            active, token = active[keep], token[keep]
+            cache[:] = [(k[keep], v[keep]) for k, v in cache]
+            cos, sin = cos[keep], sin[keep]
+            if keys_ok is not None:
+                keys_ok = keys_ok[keep]
+            if penalty is not None:
+                penalty.keep(keep)
         logits = forward(embed(token[:, None]), prompt_len + step)
     if streamer is not None:
         streamer.end()
