@@ -62,6 +62,26 @@ def test_freezing_per_stage(tiny_tokenizer):
     assert any(n.startswith("vision.") for n in names) and any("embed_tokens" in n for n in names)
 
 
+def test_stage3_can_fine_tune_the_encoder_gently(tiny_tokenizer):
+    """vision_lr_scale: the encoder trains at its own lr, its BatchNorm statistics stay those of stage 1."""
+    model = Med3DVLM(med3dvlm.get_config("med3dvlm_test"), tokenizer=copy.deepcopy(tiny_tokenizer))
+    set_trainable(model, StageSection(stage=3, vision_lr_scale=0.1))
+    task = VLMTask(model, vision_lr_scale=0.1).train()
+    vision_ids = {id(p) for p in model.vision.parameters()}
+    groups = task.param_groups(0.05)
+    assert {id(p) for g in groups if g["lr_scale"] == 0.1 for p in g["params"]} == vision_ids
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert sorted(id(p) for g in groups for p in g["params"]) == sorted(id(p) for p in trainable)
+    norms = [m for m in model.vision.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert norms and not any(m.training for m in norms) and model.vision.training
+    before = [m.running_mean.clone() for m in norms]
+    batch = model.processor.collate([model.processor.encode_example("Which organ?", "Liver")])
+    out = model(images=torch.rand(1, 1, 64, 64, 64), **batch)
+    out.loss.backward()
+    assert all(torch.equal(b, m.running_mean) for b, m in zip(before, norms))
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.vision.parameters())
+
+
 def test_stage1_encoder_brings_its_stored_preprocessing(tmp_path):
     spec = PreprocessSpec.m3d((64, 64, 64), hu_window="soft_tissue")
     med3dvlm.create_model("dcformer_test", preprocess=spec.to_dict()).save_pretrained(tmp_path / "vision")

@@ -92,19 +92,9 @@ class ContrastiveTask(nn.Module):
         """The default decay/no-decay split, with the text tower's groups at `text_lr_scale` x lr."""
         if self.text_lr_scale == 1.0:
             return None
-        from .loop import default_param_groups
+        from .loop import scaled_param_groups
 
-        groups = []
-        # The main group first: the logged "train/lr" is the first group's.
-        for module, scale in ((self, 1.0), (self.model.text, self.text_lr_scale)):
-            for g in default_param_groups(module, weight_decay):
-                if module is self:  # everything that is not the text tower
-                    text_ids = {id(p) for p in self.model.text.parameters()}
-                    g["params"] = [p for p in g["params"] if id(p) not in text_ids]
-                g["lr_scale"] = scale
-                if g["params"]:
-                    groups.append(g)
-        return groups
+        return scaled_param_groups(self, weight_decay, [(self.model.text, self.text_lr_scale)])
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = self.model(batch["images"], batch["input_ids"], batch.get("attention_mask"))

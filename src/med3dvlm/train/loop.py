@@ -118,6 +118,21 @@ def default_param_groups(module: nn.Module, weight_decay: float) -> list[dict[st
     return [g for g in groups if g["params"]]
 
 
+def scaled_param_groups(module: nn.Module, weight_decay: float, scales: Sequence[tuple[nn.Module, float]]) -> list[dict[str, Any]]:
+    """`default_param_groups`, with the parameters of each listed sub-module in groups of its own at `scale` x lr.
+
+    The rest of `module` comes first, so the logged "train/lr" is the main group's.
+    """
+    scaled_ids = {id(p) for sub, _ in scales for p in sub.parameters()}
+    groups = []
+    for g in default_param_groups(module, weight_decay):
+        g["params"] = [p for p in g["params"] if id(p) not in scaled_ids]
+        groups.append({**g, "lr_scale": 1.0})
+    for sub, scale in scales:
+        groups.extend({**g, "lr_scale": scale} for g in default_param_groups(sub, weight_decay))
+    return [g for g in groups if g["params"]]
+
+
 class Trainer:
     """Train `task` on `dataset` with the settings in `config`.
 

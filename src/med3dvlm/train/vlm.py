@@ -76,6 +76,9 @@ class StageSection:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     original_code: bool = False  # also train what the original code trained (see the module docstring)
+    # > 0: fine-tune the vision encoder too, at this fraction of train.lr, its BatchNorm statistics kept from
+    # stage 1 (batches of 8 would make them noisy). 0 keeps it frozen, as the paper does.
+    vision_lr_scale: float = 0.0
 
 
 @dataclass
@@ -98,16 +101,28 @@ class VLMTask(nn.Module):
     BatchNorm statistics (and dropout) do not change.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, vision_lr_scale: float = 0.0) -> None:
         super().__init__()
-        self.model = model
+        self.model, self.vision_lr_scale = model, vision_lr_scale
 
     def train(self, mode: bool = True) -> VLMTask:
         super().train(mode)
         for part in (self.model.vision, self.model.projector):
             if not any(p.requires_grad for p in part.parameters()):
                 part.eval()
+        if self.vision_lr_scale > 0:
+            for module in self.model.vision.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
         return self
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]] | None:
+        """The default groups, with a fine-tuned encoder's at `vision_lr_scale` x lr."""
+        if self.vision_lr_scale in (0.0, 1.0):
+            return None
+        from .loop import scaled_param_groups
+
+        return scaled_param_groups(self, weight_decay, [(self.model.vision, self.vision_lr_scale)])
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = self.model(
@@ -173,6 +188,8 @@ def set_trainable(model: nn.Module, stage: StageSection) -> nn.Module:
             if "lora_" in name:
                 param.requires_grad_(True)
     model.projector.requires_grad_(True)
+    if stage.vision_lr_scale > 0:
+        model.vision.requires_grad_(True)
     if stage.original_code:
         model.llm.get_input_embeddings().requires_grad_(True)
         if stage.stage == 3:
@@ -237,7 +254,7 @@ def main(recipe: dict[str, Any], resume: bool | str | os.PathLike = False) -> di
     logger.info("stage %d: %d samples at %s, %.2f M of %.1f M parameters trainable", cfg.stage.stage, len(dataset),
                 "x".join(map(str, image_size)), trainable / 1e6, sum(p.numel() for p in model.parameters()) / 1e6)
     lengths = item_lengths(dataset) if cfg.train.group_by_length else None
-    trainer = Trainer(VLMTask(model), dataset, cfg.train, VLMCollate(model.processor), recipe=to_plain(cfg), lengths=lengths)
+    trainer = Trainer(VLMTask(model, cfg.stage.vision_lr_scale), dataset, cfg.train, VLMCollate(model.processor), recipe=to_plain(cfg), lengths=lengths)
     t0 = time.perf_counter()
     result = trainer.train(resume=resume)
     out = Path(cfg.train.output_dir)
