@@ -8,9 +8,12 @@ Here the prompt runs once, then each step is the bare layer arithmetic over a ke
 for the whole call (a static cache: writes go into place, reads are views), with the per-row positions and
 padding masks computed up front.
 
-The layer arithmetic is the model's own: its projections, norms, MLPs and rotary tables are called as they
-are (so a LoRA-wrapped projection still works and the numbers are the same operations as Hugging Face's),
-only the attention around the cache is ours, with `scaled_dot_product_attention`. The decoding rules follow
+The layer arithmetic is the model's own: its norms, rotary tables and (LoRA-wrapped or not) projections are
+called as they are, only the attention around the cache is ours, with `scaled_dot_product_attention`. Two
+things make a step cheaper on a CPU: plain projections of a few rows run with the weight as the left operand
+(`_linear`: the same product, summed in another order, so two logits within float rounding of each other could
+in principle swap; the tests compare tokens with Hugging Face's), and rows that produced their eos leave the
+batch. The decoding rules follow
 Hugging Face's greedy search: finished rows are filled with `pad_token_id`, the call stops when every row has
 produced an eos or after `max_new_tokens`, `min_new_tokens` masks the eos logits, and `repetition_penalty`
 behaves exactly as its processor does with `inputs_embeds` (see `_RepetitionPenalty`).
