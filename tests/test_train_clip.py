@@ -124,3 +124,35 @@ def test_text_lr_scale_groups() -> None:
     scaled = [p for g in groups if g["lr_scale"] == 0.1 for p in g["params"]]
     assert {id(p) for p in scaled} == text_ids
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+
+
+def test_two_process_cpu_run_finishes(tmp_path: Path, cap_json: Path) -> None:
+    """`torchrun --nproc_per_node 2` on a CPU (gloo): both ranks train, the main one saves, the final barrier holds.
+
+    Accelerate's `end_training()` used to be called after training, which destroys the process group before the
+    stage's own closing `wait_for_everyone()`: every multi-process run failed at its end.
+    """
+    import os
+    import shutil
+    import subprocess
+
+    import socket
+
+    bindir = Path(sys.executable).parent
+    torchrun, med3dvlm = shutil.which("torchrun", path=str(bindir)), shutil.which("med3dvlm", path=str(bindir))
+    assert torchrun and med3dvlm, f"torchrun and the med3dvlm script belong in {bindir}"
+    recipe = _recipe(tmp_path, cap_json)
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [torchrun, "--nproc_per_node", "2", "--master_port", str(port), med3dvlm, "train", "clip", "--config", str(recipe),
+         "--set", "train.max_steps=2", "--set", "train.batch_size=2", "--set", "train.log_with=tensorboard"],
+        env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = tmp_path / "run"
+    assert (run / "model" / "config.json").is_file() and (run / "vision" / "config.json").is_file()
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2]

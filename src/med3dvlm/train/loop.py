@@ -342,8 +342,10 @@ class Trainer:
                     state["batch_in_epoch"] = 0
         bar.close()
         acc.wait_for_everyone()
-        if c.log_with:
-            acc.end_training()
+        # The trackers only: `end_training()` also destroys the process group, and the stages still save and
+        # synchronise their ranks after training (a multi-process run failed in its final barrier).
+        for tracker in acc.trackers:
+            tracker.finish()
         return TrainResult(
             task=acc.unwrap_model(task),
             global_step=state["global_step"],
