@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -132,12 +137,6 @@ def test_two_process_cpu_run_finishes(tmp_path: Path, cap_json: Path) -> None:
     Accelerate's `end_training()` used to be called after training, which destroys the process group before the
     stage's own closing `wait_for_everyone()`: every multi-process run failed at its end.
     """
-    import os
-    import shutil
-    import subprocess
-
-    import socket
-
     bindir = Path(sys.executable).parent
     torchrun, med3dvlm = shutil.which("torchrun", path=str(bindir)), shutil.which("med3dvlm", path=str(bindir))
     assert torchrun and med3dvlm, f"torchrun and the med3dvlm script belong in {bindir}"
@@ -146,12 +145,17 @@ def test_two_process_cpu_run_finishes(tmp_path: Path, cap_json: Path) -> None:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [torchrun, "--nproc_per_node", "2", "--master_port", str(port), med3dvlm, "train", "clip", "--config", str(recipe),
-         "--set", "train.max_steps=2", "--set", "train.batch_size=2", "--set", "train.log_with=tensorboard"],
-        env=env, capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(port), med3dvlm, "train", "clip", "--config", str(recipe),
+           "--set", "train.max_steps=2", "--set", "train.batch_size=2", "--set", "train.log_with=tensorboard"]
+    # A session of its own, so a run that hangs is killed with its worker processes, not only torchrun.
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("the 2-process run did not finish within 180 s")
+    assert proc.returncode == 0, stderr[-3000:]
     run = tmp_path / "run"
     assert (run / "model" / "config.json").is_file() and (run / "vision" / "config.json").is_file()
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
