@@ -302,7 +302,9 @@ class Trainer:
                 if hasattr(self.dataset, "set_epoch"):
                     self.dataset.set_epoch(epoch)  # type: ignore[union-attr]
                 self._generator.manual_seed(c.seed * 1_000_003 + epoch)  # worker seeds: a function of the epoch
+                batches = 0
                 for batch in epoch_loader:
+                    batches += 1
                     with acc.accumulate(task):
                         out = task(batch)
                         loss = out["loss"]
@@ -337,6 +339,12 @@ class Trainer:
                         break
                 if stop.requested and not completed:
                     break
+                if not completed and batches == 0 and not skip:
+                    # Split over the processes, an epoch can hold no batch at all, and the loop would never end.
+                    raise ValueError(
+                        f"process {acc.process_index} of {acc.num_processes} got no batch: {len(self.dataset)} samples"  # type: ignore[arg-type]
+                        f" are fewer than one batch of {c.batch_size} per process; lower train.batch_size"
+                    )
                 if not completed:
                     state["epoch"] += 1
                     state["batch_in_epoch"] = 0
