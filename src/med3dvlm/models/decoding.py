@@ -157,7 +157,8 @@ def _decoder_parts(llm: nn.Module) -> _Parts | None:
                   num_kv_heads=config.num_key_value_heads, head_dim=first.head_dim)
 
 
-# Up to this many rows (measured faster up to 64 here), a CPU projection runs as (W @ x^T)^T instead of x @ W^T (see `_linear`).
+# Up to this many rows, a CPU projection runs as (W @ x^T)^T instead of x @ W^T (see `_linear`); measured faster
+# at every size up to 64 on the development machine (docs/benchmarks.md).
 _FEW_ROWS = 64
 
 
