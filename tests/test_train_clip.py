@@ -131,22 +131,17 @@ def test_text_lr_scale_groups() -> None:
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
 
 
-def test_two_process_cpu_run_finishes(tmp_path: Path, cap_json: Path) -> None:
-    """`torchrun --nproc_per_node 2` on a CPU (gloo): both ranks train, the main one saves, the final barrier holds.
-
-    Accelerate's `end_training()` used to be called after training, which destroys the process group before the
-    stage's own closing `wait_for_everyone()`: every multi-process run failed at its end.
-    """
+def _torchrun_clip(recipe: Path, *overrides: str) -> tuple[int, str]:
+    """(exit code, stderr) of `torchrun --nproc_per_node 2 med3dvlm train clip` on this CPU (gloo)."""
     bindir = Path(sys.executable).parent
     torchrun, med3dvlm = shutil.which("torchrun", path=str(bindir)), shutil.which("med3dvlm", path=str(bindir))
     assert torchrun and med3dvlm, f"torchrun and the med3dvlm script belong in {bindir}"
-    recipe = _recipe(tmp_path, cap_json)
     with socket.socket() as sock:  # a free port for the rendezvous
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
     cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(port), med3dvlm, "train", "clip", "--config", str(recipe),
-           "--set", "train.max_steps=2", "--set", "train.batch_size=2", "--set", "train.log_with=tensorboard"]
+           *[arg for o in overrides for arg in ("--set", o)]]
     # A session of its own, so a run that hangs is killed with its worker processes, not only torchrun.
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
@@ -155,8 +150,24 @@ def test_two_process_cpu_run_finishes(tmp_path: Path, cap_json: Path) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
         pytest.fail("the 2-process run did not finish within 180 s")
-    assert proc.returncode == 0, stderr[-3000:]
+    return proc.returncode, stderr
+
+
+def test_two_process_cpu_run_finishes(tmp_path: Path, cap_json: Path) -> None:
+    """Both ranks train, the main one saves, the final barrier holds; too few samples per process is an error.
+
+    Accelerate's `end_training()` used to be called after training, which destroys the process group before the
+    stage's own closing `wait_for_everyone()`: every multi-process run failed at its end. And with fewer samples
+    than one batch per process, every epoch was empty and the loop never ended.
+    """
+    recipe = _recipe(tmp_path, cap_json)
+    code, stderr = _torchrun_clip(recipe, "train.max_steps=2", "train.batch_size=2", "train.log_with=tensorboard")
+    assert code == 0, stderr[-3000:]
     run = tmp_path / "run"
     assert (run / "model" / "config.json").is_file() and (run / "vision" / "config.json").is_file()
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2]
+
+    # 7 training items, batch 4: one batch in all, none left for each of the 2 processes.
+    code, stderr = _torchrun_clip(recipe, "train.max_steps=2", f"train.output_dir={tmp_path / 'run_small'}")
+    assert code != 0 and "got no batch" in stderr and "lower train.batch_size" in stderr, stderr[-3000:]
