@@ -34,6 +34,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .llm import base_llm
+
 # Generation-config fields that greedy decoding ignores or that do not change its tokens (sampling knobs are
 # only applied when sampling; beam-only options; output flags that only add tensors nobody asked for).
 _IGNORED_FIELDS = frozenset({
@@ -77,7 +79,7 @@ def fast_greedy_plan(llm: nn.Module, generate_kwargs: dict[str, Any]) -> GreedyP
     streamer = kwargs.pop("streamer", None)
     if kwargs.pop("generation_config", None) is not None:
         return None
-    config = copy.deepcopy(_base_model(llm).generation_config)
+    config = copy.deepcopy(base_llm(llm).generation_config)
     unused = config.update(**kwargs)
     if unused:  # logits_processor=, stopping_criteria=, assistant_model=, ...: not ours to reproduce
         return None
@@ -105,12 +107,6 @@ def fast_greedy_plan(llm: nn.Module, generate_kwargs: dict[str, Any]) -> GreedyP
     )
 
 
-def _base_model(llm: nn.Module) -> nn.Module:
-    """The transformers model under a peft wrapper (whose generation config and layers are the base model's)."""
-    get_base = getattr(llm, "get_base_model", None)
-    return get_base() if callable(get_base) else llm
-
-
 @dataclass
 class _Parts:
     layers: Sequence[nn.Module]
@@ -124,7 +120,7 @@ class _Parts:
 
 def _decoder_parts(llm: nn.Module) -> _Parts | None:
     """The pieces of a Llama-style decoder, or None where the architecture differs in a way that matters."""
-    base = _base_model(llm)
+    base = base_llm(llm)
     inner = getattr(base, "model", None)
     config = getattr(base, "config", None)
     if inner is None or config is None or getattr(config, "is_encoder_decoder", False):
@@ -237,7 +233,7 @@ def greedy_generate(
     """
     parts = _decoder_parts(llm)
     if parts is None:
-        raise ValueError(f"{type(_base_model(llm)).__name__} is not a decoder the fast path knows; use llm.generate")
+        raise ValueError(f"{type(base_llm(llm)).__name__} is not a decoder the fast path knows; use llm.generate")
     batch, prompt_len, _ = inputs_embeds.shape
     device, dtype = inputs_embeds.device, inputs_embeds.dtype
     if attention_mask is None:

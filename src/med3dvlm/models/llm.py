@@ -127,3 +127,9 @@ TINY_LLAMA = {
     # with LoRA (which cannot rescale them) the loss then cannot fall below ~5 nats and nothing is learned.
     "initializer_range": 0.2,
 }
+
+
+def base_llm(llm: torch.nn.Module) -> torch.nn.Module:
+    """The Hugging Face model under a peft wrapper (whose generation config and layers are the base model's),
+    or `llm` itself."""
+    return getattr(llm, "get_base_model", lambda: llm)()

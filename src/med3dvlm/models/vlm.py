@@ -29,7 +29,7 @@ from ..hub import CONFIG_NAME, PretrainedModel, from_pretrained, write_json_atom
 from ..prompts import IGNORE_INDEX, IMAGE_TOKEN, VLMProcessor, add_image_token
 from ..registry import build_from_config, get_config, register_family, register_model
 from .decoding import fast_greedy_plan, greedy_generate
-from .llm import DEFAULT_LLM, KNOWN_LLM_CONFIGS, QWEN25_7B_INSTRUCT, SMOLLM2_135M, TINY_LLAMA, load_llm  # noqa: F401 - re-exported
+from .llm import DEFAULT_LLM, KNOWN_LLM_CONFIGS, QWEN25_7B_INSTRUCT, SMOLLM2_135M, TINY_LLAMA, base_llm, load_llm  # noqa: F401 - re-exported
 
 log = logging.getLogger(__name__)
 
@@ -332,11 +332,6 @@ def truncate_decoder(llm: nn.Module, layers: int) -> nn.Module:
 
 def has_lora(llm: nn.Module) -> bool:
     return hasattr(llm, "peft_config")
-
-
-def base_llm(llm: nn.Module) -> nn.Module:
-    """The Hugging Face model under a peft wrapper, or `llm` itself."""
-    return getattr(llm, "get_base_model", lambda: llm)()
 
 
 def _pad_right(rows: list[torch.Tensor], pad_id: int) -> torch.Tensor:
