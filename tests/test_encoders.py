@@ -74,3 +74,48 @@ def test_bad_input_shape_is_a_clear_error():
     vit = med3dvlm.create_model("vit3d_test")
     with pytest.raises(ValueError, match="position embedding"):
         vit(torch.randn(1, 1, 16, 32, 48))
+
+
+def _voxels_reaching_the_output(model: torch.nn.Module, size: tuple[int, int, int]) -> float:
+    x = torch.randn(1, 1, *size, requires_grad=True)
+    sum(t.sum() for t in model(x)).backward()
+    return (x.grad[0, 0] != 0).float().mean().item()
+
+
+def test_paper_stem_reads_10_of_64_voxels_and_the_antialiased_one_all():
+    # The strided 1D kernels of the paper's stem only read the lines through each 4x4x4 block's corner: a
+    # lesion between them never reaches the model. The antialiased stem averages each stride window instead.
+    torch.manual_seed(0)
+    paper = med3dvlm.create_model("dcformer_test").eval()
+    assert _voxels_reaching_the_output(paper, (32, 32, 32)) == pytest.approx(10 / 64)
+    antialiased = med3dvlm.create_model("dcformer_test", stem_antialias=True).eval()
+    assert _voxels_reaching_the_output(antialiased, (32, 32, 32)) == 1.0
+    # Same parameters (released weights load into either), same token shapes, on sizes the stride does not divide.
+    assert {k: v.shape for k, v in paper.state_dict().items()} == {k: v.shape for k, v in antialiased.state_dict().items()}
+    x = torch.randn(2, 1, 30, 34, 37)
+    assert [t.shape for t in paper(x)] == [t.shape for t in antialiased(x)]
+
+
+def test_antialiased_stem_is_a_box_filter_before_the_1d_kernel():
+    from med3dvlm.models.layers import DecompConv3d
+
+    torch.manual_seed(0)
+    conv = DecompConv3d(1, 3, 5, stride=4, antialias=True).eval()
+    x = torch.randn(1, 1, 16, 16, 16)
+    # Each branch by hand: the mean over the 4x4 window across the other two axes, then the strided 1D kernel.
+    pooled_d = x.unflatten(3, (4, 4)).unflatten(5, (4, 4)).mean((4, 6))  # (1, 1, 16, 4, 4)
+    expected_d = conv.norm_d(torch.nn.functional.conv3d(pooled_d, conv.conv_d.weight, conv.conv_d.bias, (4, 1, 1), (2, 0, 0)))
+    plain_h = conv.norm_h(conv.conv_h(torch.nn.functional.avg_pool3d(x, (4, 1, 4))))
+    plain_w = conv.norm_w(conv.conv_w(torch.nn.functional.avg_pool3d(x, (4, 4, 1))))
+    torch.testing.assert_close(conv(x), expected_d + plain_h + plain_w)
+
+
+def test_fast_path_matches_with_the_antialiased_stem():
+    from med3dvlm.models.fast import optimize_for_inference
+
+    torch.manual_seed(0)
+    model = med3dvlm.create_model("dcformer_test", stem_antialias=True).eval()
+    x = torch.randn(2, 1, 32, 32, 32)
+    with torch.no_grad():
+        for a, b in zip(model(x), optimize_for_inference(model)(x)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

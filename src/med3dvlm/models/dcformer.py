@@ -50,6 +50,9 @@ class DCFormerConfig(ModelConfig):
     kernel_sizes: tuple[int, ...] = (13, 11, 9, 7)  # decomposed depthwise kernel per stage
     stem_kernel_size: int = 7
     stem_stride: int = 4
+    # The paper's strided stem reads 10 of every 64 voxels (`layers.branch_inputs`); True averages each stride
+    # window instead, so small structures are seen. Same weights; off in the released models.
+    stem_antialias: bool = False
     mlp_ratio: float = 4.0
     layer_scale_init: float = 1e-6
     input_size: tuple[int, int, int] = (128, 256, 256)  # (D, H, W) the model is meant for; not a constraint
@@ -63,9 +66,9 @@ class DCFormerConfig(ModelConfig):
 
 
 class DecomposedStem(nn.Sequential):
-    def __init__(self, in_channels: int, channels: int, kernel_size: int, stride: int) -> None:
+    def __init__(self, in_channels: int, channels: int, kernel_size: int, stride: int, antialias: bool = False) -> None:
         super().__init__(
-            DecompConv3d(in_channels, channels, kernel_size, stride=stride),
+            DecompConv3d(in_channels, channels, kernel_size, stride=stride, antialias=antialias),
             DecompConv3d(channels, channels, 3),
             DecompConv3d(channels, channels, 3),
             DecompConv3d(channels, channels, 3),
@@ -125,7 +128,9 @@ class DCFormer(PretrainedModel):
 
     def __init__(self, config: DCFormerConfig) -> None:
         super().__init__(config)
-        self.stem = DecomposedStem(config.in_channels, config.stem_channels, config.stem_kernel_size, config.stem_stride)
+        self.stem = DecomposedStem(
+            config.in_channels, config.stem_channels, config.stem_kernel_size, config.stem_stride, config.stem_antialias
+        )
         widths = (config.stem_channels, *config.dims)
         self.stages = nn.ModuleList(
             Stage(widths[i], dim, config.depths[i], config.kernel_sizes[i], config.mlp_ratio, config.layer_scale_init)

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import DecompConv3d
+from .layers import DecompConv3d, branch_inputs
 
 
 def fold_batchnorm(conv: nn.Conv3d, norm: nn.BatchNorm3d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,15 +48,17 @@ class FusedDecompConv3d(nn.Module):
         self.weight_h = nn.Parameter(weights[1], requires_grad=False)
         self.weight_w = nn.Parameter(weights[2], requires_grad=False)
         self.bias = nn.Parameter(bias.clone(), requires_grad=False)
-        self.stride = source.conv_d.stride
+        self.strides = [conv.stride for conv, _ in source.branches()]
+        self.pool_stride = source.stride if source.antialias else 1
         self.groups = source.conv_d.groups
         self.output_channels_last = False  # set where the kernels cannot be channels_last themselves
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pd, ph, pw = self.paddings
-        out = F.conv3d(x, self.weight_d, self.bias, self.stride, pd, 1, self.groups)
-        out += F.conv3d(x, self.weight_h, None, self.stride, ph, 1, self.groups)
-        out += F.conv3d(x, self.weight_w, None, self.stride, pw, 1, self.groups)
+        (pd, ph, pw), (sd, sh, sw) = self.paddings, self.strides
+        x_d, x_h, x_w = branch_inputs(x, self.pool_stride)
+        out = F.conv3d(x_d, self.weight_d, self.bias, sd, pd, 1, self.groups)
+        out += F.conv3d(x_h, self.weight_h, None, sh, ph, 1, self.groups)
+        out += F.conv3d(x_w, self.weight_w, None, sw, pw, 1, self.groups)
         if self.output_channels_last:  # convert once here rather than in each of the next three convs
             out = out.contiguous(memory_format=torch.channels_last_3d)
         return out
