@@ -172,3 +172,43 @@ def test_train_clip_same_seed_same_bits(tmp_path, phantom):
     for name in ("a", "b"):
         stage1.main(_clip_recipe(tmp_path / name, phantom, steps=4, **{}) | {"eval": {"split": None}})
     _assert_identical(_weights(tmp_path / "a" / "model"), _weights(tmp_path / "b" / "model"))
+
+
+def _frozen_text_recipe(out: Path, data: Path, steps: int, **train) -> dict:
+    recipe = _clip_recipe(out, data, steps, **train) | {"eval": {"split": None}}
+    recipe["model"]["text_lr_scale"] = 0.0
+    return recipe
+
+
+def test_train_clip_with_frozen_text_keeps_it_and_resumes_exactly(tmp_path, phantom):
+    # text_lr_scale 0: the text tower is frozen and its outputs memoized per report, so a resumed run, whose
+    # memo starts empty, must still repeat the uninterrupted run bit for bit.
+    stage1.main(_frozen_text_recipe(tmp_path / "a", phantom, steps=6, save_every=3, keep_last=5))
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "step-00000003", resumed / "checkpoints" / "step-00000003")
+    stage1.main(_frozen_text_recipe(resumed, phantom, steps=6, save_every=3, keep_last=5), resume=True)
+    _assert_identical(_weights(tmp_path / "a" / "model"), _weights(resumed / "model"))
+    # After 1 step and after 6 the text tower is the same, while the image side moved.
+    stage1.main(_frozen_text_recipe(tmp_path / "one", phantom, steps=1))
+    six, one = _weights(tmp_path / "a" / "model"), _weights(tmp_path / "one" / "model")
+    text = [k for k in six if ":text." in k]
+    assert text and all(torch.equal(six[k], one[k]) for k in text)
+    assert any(not torch.equal(six[k], one[k]) for k in six if ":vision." in k)
+
+
+def test_frozen_text_memo_equals_the_tower_in_eval_mode():
+    from med3dvlm.models.text import load_tokenizer, minilm_dir
+
+    torch.manual_seed(0)
+    model = med3dvlm.create_model("clip_dcformer_test")
+    task = stage1.ContrastiveTask(model, model.loss_fn(), text_lr_scale=0.0).train()
+    assert task.param_groups(0.1) is None and not any(p.requires_grad for p in model.text.parameters())
+    assert not model.text.training  # no dropout in features computed once
+    texts = ["A cyst in the liver.", "Axial non-contrast CT of the chest. No focal lesion is identified.", "A cyst in the liver."]
+    batch = model.tokenize(load_tokenizer(minilm_dir()), texts)
+    memo = task._frozen_text(batch["input_ids"], batch["attention_mask"])
+    with torch.no_grad():
+        direct = model.text(batch["input_ids"], batch["attention_mask"])
+    torch.testing.assert_close(memo, direct, rtol=1e-5, atol=1e-5)
+    assert len(task._text_cache) == 2

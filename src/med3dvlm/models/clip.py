@@ -109,7 +109,11 @@ class Contrastive3D(PretrainedModel):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, normalize: bool = True
     ) -> torch.Tensor:
         """(B, L) token ids -> (B, embed_dim) embeddings."""
-        features = self.text_proj(self.text(input_ids, attention_mask))
+        return self.project_text(self.text(input_ids, attention_mask), normalize)
+
+    def project_text(self, pooled: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """(B, hidden) pooled text-tower outputs -> (B, embed_dim) embeddings."""
+        features = self.text_proj(pooled)
         return F.normalize(features, dim=-1) if normalize else features
 
     def forward(

@@ -40,7 +40,10 @@ class ClipModelSection:
     text_overrides: dict[str, Any] = field(default_factory=dict)  # merged into the text tower's HF config dict
     init_from: str | None = None  # a saved Contrastive3D folder to start from instead of `name`
     tokenizer: str | None = None  # tokenizer folder; default: the text weights' folder, else MiniLM's
-    text_lr_scale: float = 1.0  # the text tower's learning rate relative to train.lr (pretrained text: < 1)
+    # The text tower's learning rate relative to train.lr (pretrained text: < 1). 0 freezes it (LiT's locked
+    # tower, on the text side): its outputs are then computed once per distinct report and the step is ~4x
+    # cheaper, as the text tower is three quarters of a stage-1 step on a CPU.
+    text_lr_scale: float = 1.0
 
 
 @dataclass
@@ -82,22 +85,54 @@ class ClipRecipe(Recipe):
 
 
 class ContrastiveTask(nn.Module):
-    """Model + loss: ``forward(batch)`` -> {"loss", "logit_scale", "logit_bias"} for the trainer."""
+    """Model + loss: ``forward(batch)`` -> {"loss", "logit_scale", "logit_bias"} for the trainer.
+
+    With ``text_lr_scale == 0`` the text tower is frozen in eval mode and its pooled output is memoized per
+    distinct text. Each text is encoded alone, unpadded, so its features do not depend on which batch first
+    held it, and a resumed run computes the same bits as an uninterrupted one.
+    """
 
     def __init__(self, model: nn.Module, loss: nn.Module, text_lr_scale: float = 1.0) -> None:
         super().__init__()
         self.model, self.loss, self.text_lr_scale = model, loss, text_lr_scale
+        self.frozen_text = text_lr_scale == 0.0
+        self._text_cache: dict[bytes, torch.Tensor] = {}
+        if self.frozen_text:
+            model.text.requires_grad_(False)
+            model.text.eval()
+
+    def train(self, mode: bool = True) -> ContrastiveTask:
+        super().train(mode)
+        if self.frozen_text:
+            self.model.text.eval()  # no dropout in features that are computed once
+        return self
 
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]] | None:
         """The default decay/no-decay split, with the text tower's groups at `text_lr_scale` x lr."""
-        if self.text_lr_scale == 1.0:
+        if self.text_lr_scale in (0.0, 1.0):  # a frozen tower has no trainable parameters to group
             return None
         from .loop import scaled_param_groups
 
         return scaled_param_groups(self, weight_decay, [(self.model.text, self.text_lr_scale)])
 
+    @torch.no_grad()
+    def _frozen_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        rows = []
+        for i in range(input_ids.shape[0]):
+            ids = input_ids[i] if attention_mask is None else input_ids[i][attention_mask[i].bool()]
+            key = ids.cpu().numpy().tobytes()
+            if key not in self._text_cache:
+                self._text_cache[key] = self.model.text(ids[None], torch.ones_like(ids)[None])[0]
+            rows.append(self._text_cache[key])
+        return torch.stack(rows)
+
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out = self.model(batch["images"], batch["input_ids"], batch.get("attention_mask"))
+        if self.frozen_text:
+            pooled = self._frozen_text(batch["input_ids"], batch.get("attention_mask"))
+            out = {"image_features": self.model.encode_image(batch["images"]), "text_features": self.model.project_text(pooled),
+                   "logit_scale": self.model.logit_scale.exp(), "logit_bias": self.model.logit_bias}
+        else:
+            out = self.model(batch["images"], batch["input_ids"], batch.get("attention_mask"))
         loss = self.loss(out["image_features"], out["text_features"], out["logit_scale"], out["logit_bias"])
         logs = {"loss": loss, "logit_scale": out["logit_scale"].detach()}
         if out["logit_bias"] is not None:
