@@ -144,3 +144,24 @@ def test_cli_phantom(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["cases"] == 3
     assert check_dataset(tmp_path / "p")["train"] >= 1
+
+
+def test_lesions_are_large_enough_and_masses_denser_than_their_organ():
+    # A short CPU run learns lesions only when they span a few voxels of the stored 32x64x64 volume (4-8 mm each)
+    # and masses do not look like water cysts; the earlier masses were 40-60 HU darker than their organ.
+    from med3dvlm.data.phantom import _lesion_hu
+
+    cases = [sample_case(i, 2) for i in range(200)]
+    lesions = [(c, les) for c in cases for les in c["lesions"]]
+    assert lesions
+    for case, les in lesions:
+        assert les["diameter_mm"] >= (14 if les["kind"] == "calcification" else 20), les
+        if les["kind"] == "mass" and les["tissue"] in ("liver", "spleen", "kidney"):
+            phase = PHASES.index(case["phase"])
+            assert _lesion_hu(les, phase) - TISSUE_HU[les["tissue"]][phase] >= 60
+    brain = [les for c, les in lesions if les["organ"] == "brain"]
+    centre = {c["case_id"]: next(o for o in c["organs"] if o["name"] == "brain") for c in cases if c["region"] == "head"}
+    assert brain and all(
+        abs(les["center_mm"][0] - centre[c["case_id"]]["center"][0]) >= 0.25 * centre[c["case_id"]]["radii"][0]
+        for c, les in lesions if les["organ"] == "brain"
+    )

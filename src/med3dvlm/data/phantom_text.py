@@ -41,13 +41,21 @@ def _phase_words(phase: str) -> str:
     return "non-contrast" if phase == "non-contrast" else f"{phase} phase"
 
 
+def _mass_density(tissue: str, phase: str) -> str:
+    """How a mass looks against its organ, as `phantom._lesion_hu` renders it."""
+    if tissue == "lung":
+        return "soft-tissue"
+    prefix = "hypo" if tissue == "brain" else "hyper"
+    return prefix + ("attenuating" if phase == "non-contrast" else "enhancing")
+
+
 def report_text(case: dict[str, Any]) -> str:
     """The case's report: first sentence region/plane/phase, then findings, then normal organs."""
     rng = np.random.default_rng([case["seed"], case["index"], 3])
     planes = " and ".join(s["plane"] for s in case["series"])
     sentences = [f"{planes.capitalize()} {_phase_words(case['phase'])} CT of the {case['region']}.", PHASE_SENTENCE[case["phase"]]]
     for lesion in case["lesions"]:
-        enh = "soft-tissue" if lesion["tissue"] == "lung" else ("hypoattenuating" if case["phase"] == "non-contrast" else "hypoenhancing")
+        enh = _mass_density(lesion["tissue"], case["phase"])
         template = TEMPLATES[lesion["kind"]][int(rng.integers(2))]
         size = _size(lesion["diameter_mm"])
         article = "an" if size.startswith("8") else "a"  # "an 8 mm", "an 8.2 cm"; sizes >= 10 mm are in cm
