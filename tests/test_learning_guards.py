@@ -197,7 +197,7 @@ def test_train_clip_with_frozen_text_keeps_it_and_resumes_exactly(tmp_path, phan
     assert any(not torch.equal(six[k], one[k]) for k in six if ":vision." in k)
 
 
-def test_frozen_text_memo_equals_the_tower_in_eval_mode():
+def test_frozen_text_memo_equals_the_tower_in_eval_mode(monkeypatch):
     from med3dvlm.models.text import load_tokenizer, minilm_dir
 
     torch.manual_seed(0)
@@ -212,3 +212,8 @@ def test_frozen_text_memo_equals_the_tower_in_eval_mode():
         direct = model.text(batch["input_ids"], batch["attention_mask"])
     torch.testing.assert_close(memo, direct, rtol=1e-5, atol=1e-5)
     assert len(task._text_cache) == 2
+    # Past the memo's limit texts are still encoded, only not kept.
+    monkeypatch.setattr(stage1, "TEXT_MEMO_LIMIT", 1)
+    bounded = stage1.ContrastiveTask(model, model.loss_fn(), text_lr_scale=0.0)
+    torch.testing.assert_close(bounded._frozen_text(batch["input_ids"], batch["attention_mask"]), memo)
+    assert len(bounded._text_cache) == 1

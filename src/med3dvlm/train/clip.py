@@ -84,6 +84,11 @@ class ClipRecipe(Recipe):
     eval: ClipEvalSection = field(default_factory=ClipEvalSection)
 
 
+# Memo entries kept at most (~150 MB of 384-wide features): with random report truncation (`data.augment`) the
+# distinct texts grow with the epochs; past the limit new ones are computed each time, with the same result.
+TEXT_MEMO_LIMIT = 100_000
+
+
 class ContrastiveTask(nn.Module):
     """Model + loss: ``forward(batch)`` -> {"loss", "logit_scale", "logit_bias"} for the trainer.
 
@@ -121,9 +126,12 @@ class ContrastiveTask(nn.Module):
         for i in range(input_ids.shape[0]):
             ids = input_ids[i] if attention_mask is None else input_ids[i][attention_mask[i].bool()]
             key = ids.cpu().numpy().tobytes()
-            if key not in self._text_cache:
-                self._text_cache[key] = self.model.text(ids[None], torch.ones_like(ids)[None])[0]
-            rows.append(self._text_cache[key])
+            features = self._text_cache.get(key)
+            if features is None:
+                features = self.model.text(ids[None], torch.ones_like(ids)[None])[0]
+                if len(self._text_cache) < TEXT_MEMO_LIMIT:
+                    self._text_cache[key] = features
+            rows.append(features)
         return torch.stack(rows)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
