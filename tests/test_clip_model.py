@@ -60,6 +60,20 @@ def test_text_embedding_is_projected_cls_token(model, tokenizer) -> None:
         torch.testing.assert_close(model.encode_text(**batch), want)
 
 
+def test_forward_from_pooled_text_equals_forward_from_tokens(model, tokenizer) -> None:
+    batch = model.tokenize(tokenizer, TEXTS)
+    x = _volumes()
+    with torch.no_grad():
+        want = model(x, **batch)
+        got = model(x, text_pooled=model.text(batch["input_ids"], batch["attention_mask"]))
+    for key in ("image_features", "text_features", "logit_scale"):
+        torch.testing.assert_close(got[key], want[key])
+    with pytest.raises(ValueError, match="exactly one"):
+        model(x, batch["input_ids"], text_pooled=torch.zeros(2, model.text.hidden_size))
+    with pytest.raises(ValueError, match="exactly one"):
+        model(x)
+
+
 def test_every_parameter_gets_a_gradient(tokenizer) -> None:
     model = create_model("clip_dcformer_test").train()
     out = model(_volumes(), **model.tokenize(tokenizer, TEXTS))

@@ -117,11 +117,21 @@ class Contrastive3D(PretrainedModel):
         return F.normalize(features, dim=-1) if normalize else features
 
     def forward(
-        self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+        self,
+        images: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        text_pooled: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor | None]:
+        """Both embeddings and the loss's scale and bias. `text_pooled`: the text tower's pooled outputs, given
+        instead of `input_ids` when they were computed elsewhere (a frozen tower's memo)."""
+        if (input_ids is None) == (text_pooled is None):
+            raise ValueError("give exactly one of input_ids and text_pooled")
+        image = self.encode_image(images)  # first: with dropout in both towers the order fixes the random draws
+        text = self.project_text(text_pooled) if text_pooled is not None else self.encode_text(input_ids, attention_mask)
         return {
-            "image_features": self.encode_image(images),
-            "text_features": self.encode_text(input_ids, attention_mask),
+            "image_features": image,
+            "text_features": text,
             "logit_scale": self.logit_scale.exp(),
             "logit_bias": self.logit_bias,
         }

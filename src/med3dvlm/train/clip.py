@@ -136,9 +136,7 @@ class ContrastiveTask(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if self.frozen_text:
-            pooled = self._frozen_text(batch["input_ids"], batch.get("attention_mask"))
-            out = {"image_features": self.model.encode_image(batch["images"]), "text_features": self.model.project_text(pooled),
-                   "logit_scale": self.model.logit_scale.exp(), "logit_bias": self.model.logit_bias}
+            out = self.model(batch["images"], text_pooled=self._frozen_text(batch["input_ids"], batch.get("attention_mask")))
         else:
             out = self.model(batch["images"], batch["input_ids"], batch.get("attention_mask"))
         loss = self.loss(out["image_features"], out["text_features"], out["logit_scale"], out["logit_bias"])
