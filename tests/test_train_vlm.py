@@ -164,3 +164,71 @@ def test_training_attention_kernel_is_used_and_not_saved(tmp_path, phantom, tiny
     saved = tmp_path / "stage2" / "model"
     assert "eager" not in (saved / "llm" / "config.json").read_text()
     assert med3dvlm.from_pretrained(saved).llm.config._attn_implementation == "sdpa"
+
+
+def test_frozen_weights_cast_once_give_the_same_bits(tmp_path, phantom, tiny_tokenizer, monkeypatch):
+    """bf16 stage 3 with the frozen linear weights cast once (`train.cast_frozen_once`, the default) logs the
+    same losses and saves the same fp32 weights as with autocast casting them at every step."""
+    from safetensors.torch import load_file
+
+    from med3dvlm.train import precision
+    from med3dvlm.train import vlm as stages23
+
+    tok_dir = tmp_path / "tokenizer"
+    tiny_tokenizer.save_pretrained(tok_dir)
+    made = []
+    real = precision.frozen_linear_copies
+    monkeypatch.setattr(precision, "frozen_linear_copies", lambda *a: made.append(len(real(*a))) or real(*a))
+
+    def run(name: str, cast_once: bool) -> tuple[list[float], dict[str, torch.Tensor]]:
+        recipe = yaml.safe_load(_recipe(tmp_path, phantom, tok_dir, 3).read_text())
+        recipe["train"].update(output_dir=str(tmp_path / name), mixed_precision="bf16", epochs=1, max_steps=4,
+                               cast_frozen_once=cast_once)
+        stages23.main(recipe)
+        lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()
+        losses = [json.loads(line)["train/loss"] for line in lines if "train/loss" in line]
+        weights = {}
+        for f in sorted((tmp_path / name / "model").rglob("*.safetensors")):
+            weights.update({f"{f.parent.name}/{k}": v for k, v in load_file(f).items()})
+        return losses, weights
+
+    every_step, saved_a = run("every_step", False)
+    assert made == []
+    once, saved_b = run("once", True)
+    assert len(made) == 1 and made[0] > 10  # the base LLM's linear layers were swapped for copies
+    assert len(once) == 4 and once == every_step
+    assert saved_a.keys() == saved_b.keys()
+    assert all(torch.equal(saved_a[k], saved_b[k]) for k in saved_a)
+    assert any("lora_B" in k and saved_b[k].abs().sum() > 0 for k in saved_b)  # LoRA did train
+    assert all(v.dtype == torch.float32 for v in saved_b.values() if v.is_floating_point())
+
+
+def test_frozen_linear_copies_leave_a_tied_embedding_in_fp32():
+    from torch.func import functional_call
+
+    from med3dvlm.train.precision import frozen_linear_copies
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(10, 8)
+            self.proj = torch.nn.Linear(8, 8)
+            self.trained = torch.nn.Linear(8, 8)
+            self.head = torch.nn.Linear(8, 10, bias=False)
+            self.head.weight = self.embed.weight
+            self.embed.requires_grad_(False)
+            self.proj.requires_grad_(False)
+
+        def forward(self, ids):
+            self.seen = self.embed(ids).dtype
+            return self.head(self.trained(self.proj(self.embed(ids))))
+
+    model = Tied()
+    copies = frozen_linear_copies(model, torch.bfloat16)
+    assert sorted(copies) == ["head.weight", "proj.bias", "proj.weight"]  # not the trained layer
+    ids = torch.arange(6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model(ids)
+        got = functional_call(model, copies, (ids,), tie_weights=False, strict=False)
+    assert model.seen == torch.float32 and torch.equal(got, want)
+    assert model.embed.weight.dtype == model.head.weight.dtype == torch.float32

@@ -78,6 +78,9 @@ class TrainConfig:
     # changes the losses beyond float rounding (tests/test_train_speed.py).
     grad_checkpointing: bool = False  # recompute activations in backward: less peak memory, more time per step
     channels_last: bool = False  # channels_last_3d activations: faster oneDNN kernels on CPU (not measured to pay on CUDA)
+    # With mixed precision, frozen linear weights are cast to its dtype once instead of at every step (`precision`):
+    # the same bits, a quarter less time per stage-3 step on a CPU. Off under DeepSpeed, which keeps its own copies.
+    cast_frozen_once: bool = True
 
     def __post_init__(self) -> None:
         if self.mixed_precision not in ("no", "bf16", "fp16"):
@@ -281,6 +284,7 @@ class Trainer:
         if c.log_with:
             acc.init_trackers("tb", config=_flat_hparams(self.recipe))
 
+        forward = self._forward_fn(task)
         bar = _progress(total_steps, state["global_step"], enabled=c.progress and acc.is_local_main_process, desc=c.progress_desc)
         history: list[dict[str, float]] = []
         sums: dict[str, float] = {}
@@ -306,7 +310,7 @@ class Trainer:
                 for batch in epoch_loader:
                     batches += 1
                     with acc.accumulate(task):
-                        out = task(batch)
+                        out = forward(batch)
                         loss = out["loss"]
                         acc.backward(loss)
                         if acc.sync_gradients and c.max_grad_norm:
@@ -362,6 +366,20 @@ class Trainer:
             last_checkpoint=last_ckpt,
             history=history,
         )
+
+    def _forward_fn(self, task: nn.Module) -> Callable[[Any], dict[str, Any]]:
+        """`task(batch)`, with frozen linear weights read from copies in the autocast dtype when that applies."""
+        from .precision import autocast_dtype, frozen_linear_copies
+
+        dtype = autocast_dtype(self.config.mixed_precision)
+        copies = frozen_linear_copies(task, dtype) if dtype and self.config.cast_frozen_once and not self.config.deepspeed else {}
+        if not copies:
+            return task
+        from torch.func import functional_call
+
+        logger.info("%d frozen linear tensors held in %s for the forward pass", len(copies), dtype)
+        # tie_weights=False: an output head tied to the embedding table gets the copy, the lookup keeps fp32.
+        return lambda batch: functional_call(task, copies, (batch,), tie_weights=False, strict=False)
 
     def _log(self, sums: dict[str, float], count: int, scheduler: Any, step: int, t0: float) -> dict[str, float]:
         acc = self.accelerator
