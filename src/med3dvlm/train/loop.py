@@ -12,7 +12,8 @@ ZeRO-2. This module is that loop, written once:
   run sees exactly the same batches as an uninterrupted one, whatever the number of workers;
 - `Trainer(task, dataset, config, collate_fn).train(resume=...)` runs it. The same code runs on one CPU,
   under ``accelerate launch`` on several GPUs (DDP), and with DeepSpeed ZeRO-2 when
-  ``config.deepspeed`` names a DeepSpeed JSON (the "auto" fields are filled in by Accelerate).
+  ``config.deepspeed`` names a DeepSpeed JSON (the "auto" fields are filled in by Accelerate), on GPUs or,
+  under ``torchrun``, on CPU processes over gloo (tests/test_sharded_training.py).
 
 Checkpoints are ``<output_dir>/checkpoints/step-XXXXXXXX``: `Accelerator.save_state` (model, optimizer,
 scheduler, RNG states of every process) plus ``trainer_state.json`` (step, epoch, batches consumed),
@@ -23,6 +24,7 @@ Finding them is `checkpoints`, the data order `sampling`, stopping on a signal `
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -177,24 +179,35 @@ class Trainer:
     def _make_accelerator(self):
         from accelerate import Accelerator
         from accelerate.state import AcceleratorState
-        from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration
+        from accelerate.utils import DistributedType, GradientAccumulationPlugin, InitProcessGroupKwargs, ProjectConfiguration
 
         c = self.config
         kwargs: dict[str, Any] = {}
         if c.deepspeed:
-            kwargs["deepspeed_plugin"] = _deepspeed_plugin(c)
+            kwargs["deepspeed_plugin"] = _deepspeed_plugin(c, self.task)
+            backend = _deepspeed_cpu_backend()
+            if backend:
+                kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend=backend)]
         # Accelerate keeps process-wide singletons; a second trainer in the same process (stage 1 then
         # stage 2, or a test suite) with another precision would otherwise be refused. The process group
         # (PartialState) is kept.
         if AcceleratorState._shared_state and AcceleratorState().mixed_precision != c.mixed_precision:
             AcceleratorState._reset_state(reset_partial_state=False)
-        return Accelerator(
+        acc = Accelerator(
             gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=c.grad_accum),
             mixed_precision=c.mixed_precision,
             log_with=c.log_with,
             project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
             **kwargs,
         )
+        if c.deepspeed and acc.distributed_type != DistributedType.DEEPSPEED:
+            # Accelerate drops the DeepSpeed plugin without a word in CPU mode; a run that asked for ZeRO
+            # must not silently train with plain DDP.
+            raise RuntimeError(
+                f"train.deepspeed={c.deepspeed} but Accelerate set up {acc.distributed_type.value}: it ignores DeepSpeed"
+                " with --cpu / ACCELERATE_USE_CPU=true; unset that (DeepSpeed runs on a CPU by itself)"
+            )
+        return acc
 
     def _optimizer(self) -> torch.optim.Optimizer:
         c = self.config
@@ -358,8 +371,15 @@ class Trainer:
         # synchronise their ranks after training (a multi-process run failed in its final barrier).
         for tracker in acc.trackers:
             tracker.finish()
+        trained = acc.unwrap_model(task)
+        if self.config.deepspeed:
+            # ZeRO keeps the trainable parameters as views into one flat buffer, and safetensors refuses to save
+            # tensors that share storage. Training is over: each gets storage of its own, so the stages can save.
+            for p in trained.parameters():
+                if p.requires_grad:
+                    p.data = p.data.clone()
         return TrainResult(
-            task=acc.unwrap_model(task),
+            task=trained,
             global_step=state["global_step"],
             total_steps=total_steps,
             completed=completed,
@@ -476,26 +496,59 @@ def apply_speed_options(module: nn.Module, config: TrainConfig) -> None:
             m.set_channels_last(True)
 
 
-def _deepspeed_plugin(config: TrainConfig):
+def _deepspeed_plugin(config: TrainConfig, task: nn.Module):
     from accelerate.utils import DeepSpeedPlugin
 
     path = Path(config.deepspeed)  # type: ignore[arg-type]
     if not path.is_file():
         raise FileNotFoundError(f"{path}: DeepSpeed config not found (train.deepspeed)")
     try:
-        import deepspeed  # noqa: F401
+        import deepspeed
     except ImportError:
         raise ImportError(
             f"train.deepspeed={path} needs DeepSpeed: pip install -c constraints.txt deepspeed "
             "(or set train.deepspeed=null to train with plain DDP)"
         ) from None
+    if int(os.environ.get("LOCAL_RANK", -1)) == -1 and importlib.util.find_spec("mpi4py") is None:
+        # Without a launcher's RANK/WORLD_SIZE/MASTER_* DeepSpeed looks for MPI and stops with "No module named mpi4py".
+        raise RuntimeError(
+            f"train.deepspeed={path} needs a launcher, also for one process: torchrun --nproc_per_node N $(which med3dvlm) train ..."
+        )
+    if deepspeed.__version__ == "0.19.8" and any(p.dim() == 0 for p in task.parameters()):
+        # 0.19.8 broadcasts the initial weights as `p.data.view(torch.uint8)`, which fails on 0-d tensors such
+        # as SigLIP's logit scale and bias ("self.dim() cannot be 0 to view Float as Byte"); 0.19.7 does not.
+        raise ImportError(
+            "DeepSpeed 0.19.8 cannot start a model with 0-d parameters: pip install -c constraints.txt 'deepspeed!=0.19.8'"
+        )
     # "auto" entries in the JSON (batch sizes, accumulation, clipping, bf16) are filled in by Accelerate from
     # the prepared dataloader and these values, so the JSON never disagrees with the recipe.
-    return DeepSpeedPlugin(
+    plugin = DeepSpeedPlugin(
         hf_ds_config=str(path),
         gradient_accumulation_steps=config.grad_accum,
         gradient_clipping=config.max_grad_norm or None,
     )
+    if plugin.is_auto("zero_optimization.reduce_bucket_size"):
+        # Accelerate fills this "auto" from `model.config.hidden_size`, which a task (model + loss) does not
+        # have. One bucket for all trainable gradients, at most DeepSpeed's own default of 5e8 elements.
+        trainable = sum(p.numel() for p in task.parameters() if p.requires_grad)
+        plugin.deepspeed_config["zero_optimization"]["reduce_bucket_size"] = max(1, min(trainable, 500_000_000))
+    return plugin
+
+
+def _deepspeed_cpu_backend() -> str | None:
+    """The process-group backend of DeepSpeed's CPU accelerator ("gloo", or "ccl" with oneCCL) when a launcher
+    (torchrun, ``accelerate launch``) started this process on a CPU; None on a GPU or in a lone process.
+
+    Accelerate picks a backend only for GPUs and the like (or for its own CPU mode, where it ignores DeepSpeed).
+    On a CPU it finds none, and with no backend its state counts one process per rank although DeepSpeed has
+    joined them all (DeepSpeed then stops with "train_batch_size is not equal to micro_batch_per_gpu *
+    gradient_acc_step * world_size"). Naming DeepSpeed's own backend makes Accelerate count the real world size.
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    launched = int(os.environ.get("LOCAL_RANK", -1)) != -1  # Accelerate's own test for a launched process
+    return accelerator.communication_backend_name() if launched and accelerator.device_name() == "cpu" else None
 
 
 def _is_scalar(v: Any) -> bool:
