@@ -5,8 +5,9 @@ embedded SmolLM2-135M-Instruct with LoRA r 16 on every linear layer), with rando
 the step's cost does not depend on them. Batches are 8 phantom items of one kind, as length-grouped training
 makes them: closed questions (~50 tokens) and reports (~80 tokens).
 
-Settings: LoRA dropout 0.05 (the paper's) or 0, and the LLM's attention kernel, "sdpa" (the default) or "eager"
-(`model.llm_attention` in a stage-2/3 recipe). Each row is the median of `--repeats` forward + backward passes
+Settings: LoRA dropout 0.05 (the paper's) or 0, the LLM's attention kernel, "sdpa" (the default) or "eager"
+(`model.llm_attention` in a stage-2/3 recipe), and whether the frozen linear weights are cast to bf16 once
+(`train.cast_frozen_once`, the trainer's default) or by autocast at every step. Each row is the median of `--repeats` forward + backward passes
 after two warm-up passes, in this one process; the ratio is against the first row. The first loss is printed
 too: the two kernels differ by bf16 rounding only, and dropout does not act on the first step (LoRA's B is zero).
 
@@ -28,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-SETTINGS = [("sdpa", 0.05), ("sdpa", 0.0), ("eager", 0.05), ("eager", 0.0)]
+SETTINGS = [("sdpa", 0.05, False), ("sdpa", 0.0, False), ("eager", 0.05, False), ("eager", 0.0, False), ("eager", 0.0, True)]
 
 
 def build(attention: str, dropout: float):
@@ -61,11 +62,17 @@ def batches(model, folder: Path) -> dict[str, dict[str, torch.Tensor]]:
     return {"closed VQA": collate([closed[i] for i in range(8)]), "reports": collate([reports[i] for i in range(8)])}
 
 
-def time_step(model, batch: dict[str, torch.Tensor], repeats: int) -> tuple[float, float]:
+def time_step(model, batch: dict[str, torch.Tensor], repeats: int, cast_once: bool) -> tuple[float, float]:
+    from torch.func import functional_call
+
+    from med3dvlm.train.precision import frozen_linear_copies
+
+    copies = frozen_linear_copies(model, torch.bfloat16) if cast_once else {}
+    inputs = {k: batch[k] for k in ("input_ids", "images", "attention_mask", "labels")}
+
     def step() -> float:
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(input_ids=batch["input_ids"], images=batch["images"], attention_mask=batch["attention_mask"],
-                         labels=batch["labels"]).loss
+            loss = functional_call(model, copies, (), inputs, tie_weights=False, strict=False).loss
         loss.backward()
         model.zero_grad(set_to_none=True)
         return loss.item()
@@ -88,17 +95,18 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         data = None
-        for attention, dropout in SETTINGS:
+        for attention, dropout, cast_once in SETTINGS:
             model = build(attention, dropout)
             data = data or batches(model, Path(tmp))
             for kind, batch in data.items():
-                seconds, loss = time_step(model, batch, args.repeats)
-                rows.append((kind, attention, dropout, tuple(batch["input_ids"].shape), seconds, loss))
+                seconds, loss = time_step(model, batch, args.repeats, cast_once)
+                rows.append((kind, attention, dropout, cast_once, tuple(batch["input_ids"].shape), seconds, loss))
             del model
-    base = {kind: s for kind, a, d, _, s, _ in rows if (a, d) == SETTINGS[0]}
-    print(f"{'batch':<11} {'attention':<9} {'dropout':>7} {'tokens':>8} {'s/step':>7} {'vs first':>8} {'first loss':>10}")
-    for kind, attention, dropout, shape, seconds, loss in sorted(rows, key=lambda r: r[0]):
-        print(f"{kind:<11} {attention:<9} {dropout:>7} {shape[0]}x{shape[1]:<6} {seconds:>7.3f} {base[kind] / seconds:>7.2f}x {loss:>10.4f}")
+    base = {kind: s for kind, a, d, c, _, s, _ in rows if (a, d, c) == SETTINGS[0]}
+    print(f"{'batch':<11} {'attention':<9} {'dropout':>7} {'cast once':>9} {'tokens':>8} {'s/step':>7} {'vs first':>8} {'first loss':>10}")
+    for kind, attention, dropout, cast_once, shape, seconds, loss in sorted(rows, key=lambda r: r[0]):
+        print(f"{kind:<11} {attention:<9} {dropout:>7} {str(cast_once):>9} {shape[0]}x{shape[1]:<6} {seconds:>7.3f}"
+              f" {base[kind] / seconds:>7.2f}x {loss:>10.4f}")
 
 
 if __name__ == "__main__":
