@@ -43,13 +43,17 @@ def embedded_llm_dir() -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("converting the embedded SmolLM2-135M-Instruct GGUF to safetensors in %s (once)", out)
-    tokenizer = AutoTokenizer.from_pretrained(str(source), gguf_file=_GGUF_FILE)
-    gguf_model = AutoModelForCausalLM.from_pretrained(str(source), gguf_file=_GGUF_FILE, dtype=torch.float32)
-    config = gguf_model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # otherwise the saved config claims to be GGUF-quantized
-    plain = type(gguf_model)(config)
-    plain.load_state_dict(gguf_model.state_dict())
+    # Building the two models initialises their weights from the global RNG. The caller has usually just seeded
+    # it (a training stage), and a first run on a machine would otherwise draw its projector and LoRA weights
+    # from another state than every later run, which finds the converted copy.
+    with torch.random.fork_rng(devices=[]):
+        tokenizer = AutoTokenizer.from_pretrained(str(source), gguf_file=_GGUF_FILE)
+        gguf_model = AutoModelForCausalLM.from_pretrained(str(source), gguf_file=_GGUF_FILE, dtype=torch.float32)
+        config = gguf_model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # otherwise the saved config claims to be GGUF-quantized
+        plain = type(gguf_model)(config)
+        plain.load_state_dict(gguf_model.state_dict())
     # Write beside the target and rename, so an interrupted conversion is never mistaken for a complete one.
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
     plain.to(torch.bfloat16).save_pretrained(tmp)
