@@ -22,9 +22,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -35,6 +32,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 from clip_helpers import tiny_phantom  # noqa: E402
+from launch_helpers import free_port, run_killable  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -66,22 +64,12 @@ def _run(stage: str, recipe: Path, *overrides: str, processes: int = 2, ddp: boo
     if processes > 1:
         torchrun = shutil.which("torchrun", path=str(bindir))
         assert torchrun, f"torchrun belongs in {bindir}"
-        with socket.socket() as sock:  # a free port for the rendezvous
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        cmd = [torchrun, "--nproc_per_node", str(processes), "--master_port", str(port), med3dvlm]
+        cmd = [torchrun, "--nproc_per_node", str(processes), "--master_port", str(free_port()), med3dvlm]
     cmd += ["train", stage, "--config", str(recipe), *[arg for o in overrides for arg in ("--set", o)]]
     if resume_from is not None:
         cmd += ["--resume-from", str(resume_from)]
-    # A session of its own, so a run that hangs is killed with its worker processes, not only torchrun.
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail(f"{' '.join(cmd[-6:])} did not finish within 300 s")
-    assert proc.returncode == 0, stderr[-4000:]
+    code, stderr = run_killable(cmd, env, timeout=300)
+    assert code == 0, stderr[-4000:]
 
 
 def _losses(run: Path) -> dict[int, float]:

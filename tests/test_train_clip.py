@@ -5,9 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,6 +20,9 @@ from med3dvlm.train import list_checkpoints
 from med3dvlm.train.clip import ClipRecipe, ContrastiveTask
 from med3dvlm.train.config import RecipeError, load_recipe
 from med3dvlm.train.vlm import VLMRecipe
+
+sys.path.insert(0, str(Path(__file__).parent))
+from launch_helpers import free_port, run_killable  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from clip_helpers import tiny_phantom  # noqa: E402
@@ -136,21 +136,10 @@ def _torchrun_clip(recipe: Path, *overrides: str) -> tuple[int, str]:
     bindir = Path(sys.executable).parent
     torchrun, med3dvlm = shutil.which("torchrun", path=str(bindir)), shutil.which("med3dvlm", path=str(bindir))
     assert torchrun and med3dvlm, f"torchrun and the med3dvlm script belong in {bindir}"
-    with socket.socket() as sock:  # a free port for the rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(port), med3dvlm, "train", "clip", "--config", str(recipe),
+    cmd = [torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), med3dvlm, "train", "clip", "--config", str(recipe),
            *[arg for o in overrides for arg in ("--set", o)]]
-    # A session of its own, so a run that hangs is killed with its worker processes, not only torchrun.
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        pytest.fail("the 2-process run did not finish within 180 s")
-    return proc.returncode, stderr
+    return run_killable(cmd, env, timeout=180)
 
 
 def test_two_process_cpu_run_finishes(tmp_path: Path, cap_json: Path) -> None:
