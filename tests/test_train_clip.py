@@ -88,6 +88,32 @@ def test_train_clip_cli_end_to_end(tmp_path: Path, cap_json: Path, capsys: pytes
     assert (run / "model" / "model.safetensors").read_bytes() == before
 
 
+@pytest.mark.parametrize("command", ["clip", "vlm"])
+def test_train_commands_keep_stdout_for_their_json(tmp_path: Path, cap_json: Path, capsys: pytest.CaptureFixture,
+                                                   monkeypatch: pytest.MonkeyPatch, command: str) -> None:
+    # DeepSpeed's logger writes to stdout (a "[WARNING] ... Setting accelerator to CPU" line when it is first
+    # imported), which broke `json.loads` of the summary for anyone with the deepspeed extra installed.
+    import logging
+
+    import med3dvlm.train.clip
+    import med3dvlm.train.vlm
+
+    def noisy_main(recipe, resume=False):
+        print("[WARNING] a library talking")
+        chatty = logging.getLogger("chatty-library")
+        chatty.addHandler(logging.StreamHandler(sys.stdout))  # bound to stdout as it is at import time
+        chatty.warning("still talking")
+        return {"completed": True, "global_step": 1}
+
+    monkeypatch.setattr(med3dvlm.train.clip if command == "clip" else med3dvlm.train.vlm, "main", noisy_main)
+    recipe = _recipe(tmp_path, cap_json)
+    assert cli(["train", command, "--config", str(recipe)]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out) == {"completed": True, "global_step": 1}
+    assert "a library talking" in err and "still talking" in err
+    logging.getLogger("chatty-library").handlers.clear()
+
+
 def test_overrides_reach_the_run_and_typos_fail(tmp_path: Path, cap_json: Path, capsys: pytest.CaptureFixture) -> None:
     recipe = _recipe(tmp_path, cap_json)
     code = cli(["train", "clip", "--config", str(recipe), "--set", "train.max_steps=1", "--set", "eval.split=null",

@@ -6,9 +6,11 @@ them all before it runs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import traceback
+from collections.abc import Iterator
 from typing import NoReturn
 
 import typer
@@ -48,3 +50,14 @@ def fail(message: str, code: int = 1) -> NoReturn:
     if _verbose and sys.exc_info()[0] is not None:
         typer.echo(traceback.format_exc().rstrip(), err=True)
     raise typer.Exit(code)
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Send whatever runs inside to stderr when it writes to stdout, so stdout keeps only the command's JSON.
+
+    Libraries imported while training print there: DeepSpeed's logger, for one, holds a stdout handler and
+    announces its accelerator when it is first imported. Loggers and handlers created inside keep stderr.
+    """
+    with contextlib.redirect_stdout(sys.stderr):
+        yield

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from .root import error_message, fail, root
+from .root import error_message, fail, root, stdout_to_stderr
 
 train_app = typer.Typer(help="Train the Med3DVLM stages from YAML recipes (configs/*.yaml).", no_args_is_help=True)
 root.add_typer(train_app, name="train")
@@ -37,7 +37,8 @@ def clip(
         sets.append(f"train.output_dir={output_dir}")
     try:
         recipe = load_recipe(config, sets)
-        summary = main(recipe, resume=resume_from if resume_from is not None else resume)
+        with stdout_to_stderr():
+            summary = main(recipe, resume=resume_from if resume_from is not None else resume)
     except (RecipeError, FileNotFoundError, KeyError, ImportError, TypeError, ValueError) as err:
         fail(error_message(err))
     typer.echo(json.dumps(summary, indent=2, default=str))
@@ -61,7 +62,9 @@ def vlm(
     if output_dir is not None:
         sets.append(f"train.output_dir={output_dir}")
     try:
-        summary = main(load_recipe(config, sets), resume=resume_from if resume_from is not None else resume)
+        recipe = load_recipe(config, sets)
+        with stdout_to_stderr():
+            summary = main(recipe, resume=resume_from if resume_from is not None else resume)
     except (RecipeError, FileNotFoundError, KeyError, ImportError, TypeError, ValueError) as err:
         fail(error_message(err))
     typer.echo(json.dumps(summary, indent=2, default=str))
