@@ -12,7 +12,7 @@ import pytest
 from med3dvlm.cli import main
 from med3dvlm.data import PreprocessSpec, load_volume, preprocess
 from med3dvlm.data.m3d import CAP_JSON, QUESTION_TYPES, VQA_COLUMNS, VQA_DIR, check_dataset, read_cap_json, read_vqa_csv
-from med3dvlm.data.phantom import TISSUE_HU, PHASES, render_hu, sample_case, write_phantom_dataset
+from med3dvlm.data.phantom import TISSUE_HU, PHASES, render_hu, render_series, sample_case, write_phantom_dataset
 from med3dvlm.data.splits import find_leakage
 
 SIZE = (16, 32, 32)
@@ -155,7 +155,7 @@ def test_lesions_are_large_enough_and_masses_denser_than_their_organ():
     lesions = [(c, les) for c in cases for les in c["lesions"]]
     assert lesions
     for case, les in lesions:
-        assert les["diameter_mm"] >= (14 if les["kind"] == "calcification" else 20), les
+        assert les["diameter_mm"] >= {"calcification": 18, "nodule": 16}.get(les["kind"], 20), les
         if les["kind"] == "mass" and les["tissue"] in ("liver", "spleen", "kidney"):
             phase = PHASES.index(case["phase"])
             assert _lesion_hu(les, phase) - TISSUE_HU[les["tissue"]][phase] >= 60
@@ -165,3 +165,28 @@ def test_lesions_are_large_enough_and_masses_denser_than_their_organ():
         abs(les["center_mm"][0] - centre[c["case_id"]]["center"][0]) >= 0.25 * centre[c["case_id"]]["radii"][0]
         for c, les in lesions if les["organ"] == "brain"
     )
+
+
+def test_lung_nodules_and_masses_are_told_apart_by_size_as_radiologists_do():
+    # Of the same density, a lung nodule (at most 3 cm) and a lung mass differ only in size: overlapping ranges
+    # would make the answer to "what type of abnormality" a coin toss for some lesions, whatever the model.
+    lesions = [les for c in (sample_case(i, 3) for i in range(400)) for les in c["lesions"] if les["tissue"] == "lung"]
+    nodules = [les["diameter_mm"] for les in lesions if les["kind"] == "nodule"]
+    masses = [les["diameter_mm"] for les in lesions if les["kind"] == "mass"]
+    assert nodules and masses
+    assert max(nodules) <= 30 < min(masses)
+
+
+def test_the_arterial_phase_of_a_head_scan_changes_hundreds_of_stored_voxels():
+    # The phase question is answerable for head scans only if the enhanced arteries span a few voxels of the
+    # stored 32x64x64 volume. The superior sagittal sinus alone changed 132 voxels by more than 0.3 (of the
+    # brain window's range), and a supervised encoder missed the phase of 3 of 56 held-out scans.
+    from med3dvlm.data.prepare import m3d_chain
+
+    head = next(c for c in (sample_case(i, 0) for i in range(200)) if c["region"] == "head" and not c["lesions"])
+
+    def stored(phase: str) -> np.ndarray:
+        windowed, _, _ = render_series({**head, "phase": phase}, "axial", 64)  # the noise does not depend on phase
+        return m3d_chain(windowed, (32, 64, 64))
+
+    assert int((stored("arterial") - stored("non-contrast") > 0.3).sum()) >= 300

@@ -49,10 +49,13 @@ KINDS_BY_TISSUE = {
     "lung": ("nodule", "mass"),
     "brain": ("hemorrhage", "mass", "calcification"),
 }
-# At 32 x 64 x 64 a voxel is 4-8 mm. Lesions span at least three voxels (calcifications, at 700 HU, two to four)
-# and may bulge past a small organ's edge, as exophytic renal cysts do: a short CPU run learns to see them
-# only at these sizes (smaller ones left a supervised DCFormer at 50-60 % on the lesion questions).
-DIAMETER_MM = {"cyst": (30, 60), "mass": (35, 70), "calcification": (14, 24), "nodule": (20, 40), "hemorrhage": (30, 55)}
+# At 32 x 64 x 64 a voxel is 4-8 mm. Lesions span at least three voxels (calcifications, at 700 HU, three or
+# four) and may bulge past a small organ's edge, as exophytic renal cysts do: a short CPU run learns to see them
+# only at these sizes (smaller ones left a supervised DCFormer at 50-60 % on the lesion questions). A lung
+# nodule is at most 3 cm and a lung mass larger, as radiologists define them, with a gap between the two: of
+# the same density, they differ only in size, and overlapping ranges (nodules up to 40 mm) made the kind of
+# a 35-40 mm lung lesion a coin toss even for a supervised encoder.
+DIAMETER_MM = {"cyst": (30, 60), "mass": (36, 70), "calcification": (18, 26), "nodule": (16, 28), "hemorrhage": (30, 55)}
 MAX_DIAMETER_TO_RADIUS = 1.2  # a lesion's largest diameter against its organ's smallest radius
 
 
@@ -209,6 +212,11 @@ def render_hu(case: dict[str, Any], grid: int = 64) -> tuple[np.ndarray, tuple[f
         _blob(vol, axes, (-7, 2, 0), (5, 18, 12), 8)  # lateral ventricles (CSF)
         _blob(vol, axes, (7, 2, 0), (5, 18, 12), 8)
         _blob(vol, axes, (0, 78, 20), (4, 4, 60), hu["blood"])  # superior sagittal sinus
+        # Basilar and middle cerebral arteries, a few voxels wide: the sinus alone (one voxel) left the
+        # arterial phase of a head scan all but invisible.
+        _blob(vol, axes, (0, 10, -35), (5, 5, 22), hu["blood"])
+        _blob(vol, axes, (-30, -5, -15), (24, 5, 5), hu["blood"])
+        _blob(vol, axes, (30, -5, -15), (24, 5, 5), hu["blood"])
     for lesion in case["lesions"]:
         _blob(vol, axes, lesion["center_mm"], lesion["radii_mm"], _lesion_hu(lesion, phase))
     # Quantum noise; smaller for the head so the narrow brain window is not drowned in it.
@@ -222,8 +230,8 @@ def _lesion_hu(lesion: dict[str, Any], phase: int) -> float:
         return 8.0
     if kind == "calcification":
         return 700.0
-    if kind == "hemorrhage":
-        return 72.0
+    if kind == "hemorrhage":  # acute blood; at 72 HU it was all but saturated in the brain window, like calcium
+        return 62.0
     if kind == "nodule":
         return 35.0 + 15.0 * (phase > 0)
     if lesion["tissue"] == "lung":
