@@ -101,7 +101,8 @@ def test_train_commands_keep_stdout_for_their_json(tmp_path: Path, cap_json: Pat
     def noisy_main(recipe, resume=False):
         print("[WARNING] a library talking")
         chatty = logging.getLogger("chatty-library")
-        chatty.addHandler(logging.StreamHandler(sys.stdout))  # bound to stdout as it is at import time
+        # Bound to stdout as it is when the handler is made; monkeypatch restores the handlers, pass or fail.
+        monkeypatch.setattr(chatty, "handlers", [logging.StreamHandler(sys.stdout)])
         chatty.warning("still talking")
         return {"completed": True, "global_step": 1}
 
@@ -111,7 +112,6 @@ def test_train_commands_keep_stdout_for_their_json(tmp_path: Path, cap_json: Pat
     out, err = capsys.readouterr()
     assert json.loads(out) == {"completed": True, "global_step": 1}
     assert "a library talking" in err and "still talking" in err
-    logging.getLogger("chatty-library").handlers.clear()
 
 
 def test_overrides_reach_the_run_and_typos_fail(tmp_path: Path, cap_json: Path, capsys: pytest.CaptureFixture) -> None:

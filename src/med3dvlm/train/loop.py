@@ -509,7 +509,7 @@ def _deepspeed_plugin(config: TrainConfig, task: nn.Module):
             f"train.deepspeed={path} needs DeepSpeed: pip install -c constraints.txt deepspeed "
             "(or set train.deepspeed=null to train with plain DDP)"
         ) from None
-    if int(os.environ.get("LOCAL_RANK", -1)) == -1 and importlib.util.find_spec("mpi4py") is None:
+    if not _launched() and importlib.util.find_spec("mpi4py") is None:
         # Without a launcher's RANK/WORLD_SIZE/MASTER_* DeepSpeed looks for MPI and stops with "No module named mpi4py".
         raise RuntimeError(
             f"train.deepspeed={path} needs a launcher, also for one process: torchrun --nproc_per_node N $(which med3dvlm) train ..."
@@ -547,8 +547,12 @@ def _deepspeed_cpu_backend() -> str | None:
     from deepspeed.accelerator import get_accelerator
 
     accelerator = get_accelerator()
-    launched = int(os.environ.get("LOCAL_RANK", -1)) != -1  # Accelerate's own test for a launched process
-    return accelerator.communication_backend_name() if launched and accelerator.device_name() == "cpu" else None
+    return accelerator.communication_backend_name() if _launched() and accelerator.device_name() == "cpu" else None
+
+
+def _launched() -> bool:
+    """Whether a launcher (torchrun, ``accelerate launch``) started this process: Accelerate's own test."""
+    return int(os.environ.get("LOCAL_RANK", -1)) != -1
 
 
 def _is_scalar(v: Any) -> bool:
