@@ -28,3 +28,29 @@ def test_quickstart_runs_every_step_writes_results_json_and_resumes(tmp_path):
     first = json.loads((tmp_path / "timings.json").read_text())
     run_quickstart(tmp_path, seed=1, budget=budget)  # everything is skipped
     assert json.loads((tmp_path / "timings.json").read_text()) == first
+
+
+@pytest.mark.parametrize("args, cases", [([], None), (["--cases", "120"], 120)])
+def test_cli_cases_defaults_to_the_budget(tmp_path, monkeypatch, args, cases):
+    """`--cases` has no default of its own: without it the run gets QuickstartBudget's, with it that number."""
+    from med3dvlm import quickstart
+    from med3dvlm.cli import main
+
+    seen = {}
+
+    def fake_run(out, seed, budget):
+        seen["budget"] = budget
+        page = tmp_path / "results.md"
+        page.write_text("")
+        summary = {"closed_vqa": {"strict": {"overall": 1.0}, "majority_baseline": 1.0},
+                   "ablation": {"zero": {"closed_vqa_strict": 1.0}, "swapped": {"closed_vqa_strict": 1.0}},
+                   "yes_no": {"balanced_accuracy": 1.0}, "report": {"finding_accuracy": 1.0},
+                   "retrieval": {"ir_at_1": 1.0, "chance": 1.0}, "peak_rss_mb": 1.0}
+        (tmp_path / "results.json").write_text(json.dumps(summary))
+        return page
+
+    monkeypatch.setattr(quickstart, "run_quickstart", fake_run)
+    assert main(["quickstart", "--out", str(tmp_path), *args]) == 0
+    expected = quickstart.QuickstartBudget().cases if cases is None else cases
+    assert seen["budget"].cases == expected
+    assert seen["budget"].clip_steps == quickstart.QuickstartBudget().clip_steps

@@ -16,7 +16,7 @@ from .root import root
 def quickstart(
     out: Path = typer.Option(Path("runs/quickstart"), "--out", "-o", help="Folder for everything it writes."),
     seed: int = typer.Option(0, help="Seed of the phantom data and of every training stage."),
-    cases: int = typer.Option(1000, help="Phantom cases to generate."),
+    cases: int | None = typer.Option(None, help="Phantom cases to generate (default: QuickstartBudget.cases)."),
 ) -> None:
     """Generate phantom CT data, run the three training stages with small models on the embedded LLM and text
     tower, evaluate on held-out cases with image-ablation controls, and write results.md and results.json.
@@ -31,7 +31,7 @@ def quickstart(
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=UserWarning, module="sklearn")
     t0 = time.perf_counter()
-    page = run_quickstart(out, seed=seed, budget=QuickstartBudget(cases=cases))
+    page = run_quickstart(out, seed=seed, budget=QuickstartBudget() if cases is None else QuickstartBudget(cases=cases))
     results = __import__("json").loads((page.parent / "results.json").read_text())
     closed, ablation = results["closed_vqa"], results["ablation"]
     typer.echo(
