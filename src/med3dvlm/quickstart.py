@@ -50,7 +50,7 @@ class QuickstartBudget:
     # 3000 cases and 960 stage-1 steps, against 1000 and 480 (seed 0, 2026-12-02): held-out IR@1 / TR@1 50 / 50 %
     # against 34 / 39 %, the linear probe's Abnormality / Location 73 / 62 % against 54 / 50 %. With 1000 cases
     # the encoder saw each training image ~17 times and fitted only half of the training pairs' lesions (IR@1
-    # 51 % on 100 training pairs); 3000 cases at 480 steps gave IR@1 42 % (session 9). ~100 s more in all.
+    # 51 % on 100 training pairs); 3000 cases at 480 steps gave IR@1 42 % (session 9). Phantom + stage 1: ~100 s more.
     cases: int = 3000
     clip_steps: int = 960
     # 30 left Plane at 64 %, 100 gave 84 % (same stage 1, seed 0), its loss still falling. 200 / 300 gave closed
